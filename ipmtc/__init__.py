@@ -1,0 +1,21 @@
+"""ipmtc: many-task computing on HPC clusters with IPython Parallel.
+
+One allocation, thousands of independent tasks, every result back::
+
+    import ipmtc
+    rc = ipmtc.connect()                      # the cluster `ipmtc start` left running
+    res = ipmtc.dynamic_map(simulate, params, retries=2, walltime_s=600)
+"""
+from __future__ import annotations
+
+from .cluster import ClusterInfo, connect, list_clusters, start, status, stop
+from .errors import (AllocationError, ClusterError, EnginesLostError, IpmtcError, JournalError, MapError,
+                     NoClusterError, PresetError, StartupError)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AllocationError", "ClusterError", "ClusterInfo", "EnginesLostError", "IpmtcError", "JournalError",
+    "MapError", "NoClusterError", "PresetError", "StartupError", "connect", "list_clusters", "start",
+    "status", "stop", "__version__",
+]

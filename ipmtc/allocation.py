@@ -1,0 +1,252 @@
+"""Detect the batch allocation (Slurm, PBS/Torque/PBS Pro, LSF) or the local machine.
+
+Everything here is a pure function of the environment (plus reading the PBS node
+file), so it can be tested with a plain dict and run on a login node safely.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import hostlist
+
+from .errors import AllocationError
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The hosts (and task slots per host) this run may use."""
+
+    kind: str  # "slurm" | "pbs" | "lsf" | "local"
+    job_id: str | None  # None for local
+    hosts: tuple[str, ...]  # distinct hosts, allocation order
+    slots_per_host: tuple[int, ...]  # task slots per host, same order as hosts
+    nodefile: str | None = None  # PBS node file path (for mpiexec -machinefile)
+
+    def __post_init__(self) -> None:
+        # Catch construction bugs early rather than mis-placing engines later.
+        if len(self.hosts) != len(self.slots_per_host):
+            raise AllocationError(
+                f"internal: {len(self.hosts)} hosts but {len(self.slots_per_host)} slot counts"
+            )
+
+    @property
+    def n_hosts(self) -> int:
+        return len(self.hosts)
+
+    @property
+    def total_slots(self) -> int:
+        return sum(self.slots_per_host)
+
+    @property
+    def is_batch(self) -> bool:
+        return self.kind != "local"
+
+    def _where(self) -> str:
+        if self.is_batch:
+            return f"this {self.kind} allocation {self.job_id}"
+        return "the local machine"
+
+    def first(self, n_hosts: int) -> Allocation:
+        """The first `n_hosts` hosts of this allocation.
+
+        The PBS node file is only kept when all hosts are kept: it lists every
+        host, so handing it to ``mpiexec -machinefile`` for a subset would be wrong.
+        """
+        if n_hosts < 1:
+            raise AllocationError(f"--nodes {n_hosts} is invalid; ask for at least 1 node")
+        if n_hosts > self.n_hosts:
+            hint = "" if self.is_batch else " (or run inside a batch job)"
+            raise AllocationError(
+                f"--nodes {n_hosts} but {self._where()} has {_nodes(self.n_hosts)} "
+                f"({compress_hosts(self.hosts)}); ask for at most {self.n_hosts}{hint}"
+            )
+        if n_hosts == self.n_hosts:
+            return self
+        return Allocation(
+            kind=self.kind,
+            job_id=self.job_id,
+            hosts=self.hosts[:n_hosts],
+            slots_per_host=self.slots_per_host[:n_hosts],
+            nodefile=None,
+        )
+
+    def describe(self) -> str:
+        """One line, e.g. ``slurm job 123: 4 nodes n[1-4], 16 slots``."""
+        head = f"{self.kind} job {self.job_id}" if self.is_batch else "local"
+        slots = f"{self.total_slots} slot{'s' if self.total_slots != 1 else ''}"
+        return f"{head}: {_nodes(self.n_hosts)} {compress_hosts(self.hosts)}, {slots}"
+
+
+def _nodes(n: int) -> str:
+    return f"{n} node{'s' if n != 1 else ''}"
+
+
+def expand_hostlist(value: str) -> list[str]:
+    """Expand a Slurm-style hostlist (``n[01-04,07],gpu[1-2]``) into names."""
+    try:
+        return list(hostlist.expand_hostlist(value))
+    except hostlist.BadHostlist as exc:
+        raise AllocationError(f"cannot parse hostlist {value!r}: {exc}") from None
+
+
+def compress_hosts(hosts: Iterable[str]) -> str:
+    """Compress host names into a hostlist expression (``n[1-4]``)."""
+    return hostlist.collect_hostlist(list(hosts))
+
+
+_TPN_TOKEN = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
+
+
+def parse_tasks_per_node(value: str) -> list[int]:
+    """Expand Slurm's SLURM_TASKS_PER_NODE, e.g. ``2(x3),1`` -> ``[2, 2, 2, 1]``."""
+    out: list[int] = []
+    for token in value.strip().split(","):
+        m = _TPN_TOKEN.match(token.strip())
+        if not m:
+            raise AllocationError(f"cannot parse SLURM_TASKS_PER_NODE={value!r}")
+        out.extend([int(m.group(1))] * int(m.group(2) or 1))
+    return out
+
+
+def _int_var(environ: Mapping[str, str], name: str) -> int | None:
+    """An integer env var, None if unset/empty; AllocationError if malformed."""
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise AllocationError(f"{name}={raw!r} is not an integer") from None
+
+
+def _count_in_order(names: Iterable[str]) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Distinct names in first-appearance order with their occurrence counts."""
+    counts: dict[str, int] = {}  # dicts keep insertion order
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    return tuple(counts), tuple(counts.values())
+
+
+def _slurm(environ: Mapping[str, str]) -> Allocation:
+    var = "SLURM_JOB_NODELIST" if environ.get("SLURM_JOB_NODELIST") else "SLURM_NODELIST"
+    nodelist = environ.get(var, "").strip()
+    if not nodelist:
+        raise AllocationError(
+            "SLURM_JOB_ID is set but SLURM_JOB_NODELIST/SLURM_NODELIST is empty; "
+            "run inside salloc/sbatch or set IPMTC_ALLOCATION=local"
+        )
+    try:
+        hosts = list(dict.fromkeys(hostlist.expand_hostlist(nodelist)))
+    except hostlist.BadHostlist:
+        raise AllocationError(f"cannot parse {var}={nodelist!r}") from None
+    n = len(hosts)
+
+    slots: list[int] | None = None
+    tpn = environ.get("SLURM_TASKS_PER_NODE", "").strip()
+    if tpn:
+        parsed = parse_tasks_per_node(tpn)  # malformed -> error even if unused
+        # It can disagree with the nodelist (e.g. inside a job step); then fall back.
+        if len(parsed) == n:
+            slots = parsed
+    if slots is None:
+        ntasks = _int_var(environ, "SLURM_NTASKS")
+        cpus = _int_var(environ, "SLURM_CPUS_ON_NODE")
+        if ntasks is not None and ntasks >= n:
+            # Spread evenly; any remainder goes to the first hosts (Slurm's block layout).
+            base, extra = divmod(ntasks, n)
+            slots = [base + (1 if i < extra else 0) for i in range(n)]
+        elif cpus is not None and cpus > 0:
+            slots = [cpus] * n
+        else:
+            slots = [1] * n
+    return Allocation("slurm", environ["SLURM_JOB_ID"].strip(), tuple(hosts), tuple(slots))
+
+
+def _pbs(environ: Mapping[str, str]) -> Allocation:
+    job_id = environ["PBS_JOBID"].strip()
+    path = environ.get("PBS_NODEFILE", "").strip()
+    if not path:
+        raise AllocationError(
+            f"PBS job {job_id} but PBS_NODEFILE is not set; "
+            "run inside qsub or set IPMTC_ALLOCATION=local"
+        )
+    try:
+        with open(path, encoding="utf-8") as fh:
+            # One line per slot; names may repeat non-contiguously (e.g. round-robin).
+            names = [line.strip() for line in fh if line.strip()]
+    except OSError as exc:
+        raise AllocationError(
+            f"cannot read PBS_NODEFILE={path!r} ({exc.strerror or exc}); "
+            "is this the node the job started on?"
+        ) from None
+    if not names:
+        raise AllocationError(f"PBS_NODEFILE={path!r} is empty")
+    hosts, slots = _count_in_order(names)
+    return Allocation("pbs", job_id, hosts, slots, nodefile=path)
+
+
+def _lsf(environ: Mapping[str, str]) -> Allocation:
+    job_id = environ["LSB_JOBID"].strip()
+    mcpu = environ.get("LSB_MCPU_HOSTS", "").strip()
+    if mcpu:
+        tokens = mcpu.split()
+        if len(tokens) % 2:
+            raise AllocationError(
+                f"LSB_MCPU_HOSTS={mcpu!r} has an odd number of fields; expected 'host n host n ...'"
+            )
+        counts: dict[str, int] = {}
+        for host, n in zip(tokens[::2], tokens[1::2]):
+            if not n.isdigit():
+                raise AllocationError(f"LSB_MCPU_HOSTS={mcpu!r}: {n!r} is not a slot count")
+            counts[host] = counts.get(host, 0) + int(n)
+        return Allocation("lsf", job_id, tuple(counts), tuple(counts.values()))
+    lsb_hosts = environ.get("LSB_HOSTS", "").split()  # one name per slot
+    if lsb_hosts:
+        hosts, slots = _count_in_order(lsb_hosts)
+        return Allocation("lsf", job_id, hosts, slots)
+    raise AllocationError(
+        f"LSF job {job_id} but neither LSB_MCPU_HOSTS nor LSB_HOSTS is set; "
+        "run inside bsub or set IPMTC_ALLOCATION=local"
+    )
+
+
+def _local(cpu_count: int | None, hostname: str | None) -> Allocation:
+    return Allocation(
+        "local",
+        None,
+        (hostname or socket.gethostname(),),
+        (cpu_count or os.cpu_count() or 1,),
+    )
+
+
+def detect(
+    environ: Mapping[str, str] | None = None,
+    *,
+    cpu_count: int | None = None,
+    hostname: str | None = None,
+) -> Allocation:
+    """Detect the current allocation: Slurm, then PBS, then LSF, else local.
+
+    ``IPMTC_ALLOCATION=local`` forces local, e.g. for a laptop-style cluster
+    on one node inside a batch job.
+    """
+    env = os.environ if environ is None else environ
+    override = env.get("IPMTC_ALLOCATION", "").strip().lower()
+    if override == "local":
+        return _local(cpu_count, hostname)
+    if override not in ("", "auto"):
+        raise AllocationError(
+            f"IPMTC_ALLOCATION={env['IPMTC_ALLOCATION']!r} is not supported; use 'local' or 'auto'"
+        )
+    if env.get("SLURM_JOB_ID", "").strip():
+        return _slurm(env)
+    if env.get("PBS_JOBID", "").strip():
+        return _pbs(env)
+    if env.get("LSB_JOBID", "").strip():
+        return _lsf(env)
+    return _local(cpu_count, hostname)

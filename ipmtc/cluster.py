@@ -1,0 +1,398 @@
+"""Start, stop, inspect and connect to an ipmtc cluster.
+
+Processes are started by ipyparallel's own ``Cluster`` and launchers (the
+controller and every engine launcher get their own session, so they outlive
+the CLI). ipmtc adds: readiness with a deadline and the children's liveness,
+log tails on failure with nothing left running, and a state file in the
+profile's ``security/`` folder that lets ``stop``/``status``/``connect`` find
+the cluster again. Stopping is by PID and process group (TERM -> wait -> KILL).
+"""
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import _proc, allocation, presets
+from .errors import ClusterError, ClusterRunningError, LauncherNotFoundError, NoClusterError, StartupError
+from .launch import EnginePlan, plan_engines
+from .profile import default_name, ipython_dir, profile_dir, write_profile
+
+STATE_FILE = "ipmtc-cluster.json"
+LOG_TAIL_LINES = 15
+
+
+@dataclass
+class ClusterInfo:
+    """What ``ipmtc start`` records about a running cluster (the state file)."""
+
+    profile: str
+    profile_dir: str
+    n_engines: int
+    launcher: str
+    allocation: str
+    job_id: str | None
+    hosts: list[str]
+    controller_pid: int
+    launcher_pids: list[int]  # session leaders: controller, engine launchers (process groups)
+    pids: list[int] = field(default_factory=list)  # every process of the cluster seen at start
+    started_at: float = 0.0
+    startup_s: float = 0.0
+    engines: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> host, pid, node
+    user: str = ""
+    hostname: str = ""
+    preset: str = ""
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.profile_dir) / "security" / STATE_FILE
+
+    def save(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        os.chmod(tmp, 0o600)
+        tmp.replace(self.state_path)
+
+    @property
+    def running(self) -> bool:
+        return _proc.alive(self.controller_pid)
+
+    def attach_hint(self) -> str:
+        return (f"attach: ipmtc.connect(profile={self.profile!r})  or  "
+                f"ipyparallel.Client(profile={self.profile!r})")
+
+
+# ---------------------------------------------------------------- finding clusters
+
+
+def _load_state(pdir: Path) -> ClusterInfo | None:
+    path = pdir / "security" / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return ClusterInfo(**data)
+    except (ValueError, TypeError) as e:
+        raise ClusterError(f"cluster state file {path} is damaged ({type(e).__name__}); "
+                           f"run `ipmtc stop --profile {pdir.name.removeprefix('profile_')} --force` "
+                           "to clean up") from None
+
+
+def find(profile: str | None = None, environ: Mapping[str, str] | None = None) -> ClusterInfo:
+    """The cluster of ``profile`` (default: ``$IPMTC_PROFILE``, this job's, or the only one running)."""
+    environ = os.environ if environ is None else environ
+    name = profile or environ.get("IPMTC_PROFILE")
+    if name is None:
+        alloc = allocation.detect(environ)
+        name = default_name(alloc)
+        if _load_state(profile_dir(name)) is None:
+            running = [c for c in list_clusters() if c.running]
+            if len(running) == 1:
+                return running[0]
+            if len(running) > 1:
+                names = ", ".join(c.profile for c in running)
+                raise NoClusterError(f"several ipmtc clusters are running ({names}); "
+                                     "pick one with profile=... / --profile")
+    info = _load_state(profile_dir(name))
+    if info is None:
+        raise NoClusterError(f"no ipmtc cluster under profile {name!r} (in {ipython_dir()}); "
+                             "start one with `ipmtc start` (or `ipmtc start --engines N` outside a batch job)")
+    return info
+
+
+def list_clusters() -> list[ClusterInfo]:
+    """Every ipmtc cluster recorded in this user's IPython directory (running or not)."""
+    out = []
+    for path in sorted(ipython_dir().glob(f"profile_*/security/{STATE_FILE}")):
+        try:
+            info = _load_state(path.parent.parent)
+        except ClusterError:
+            continue
+        if info is not None:
+            out.append(info)
+    return out
+
+
+def connect(profile: str | None = None, *, timeout_s: float = 10.0, wait_for_engines: bool = True):
+    """A connected ``ipyparallel.Client`` for the current job's cluster (or ``profile``'s)."""
+    import ipyparallel as ipp
+
+    info = find(profile)
+    if not info.running:
+        raise NoClusterError(f"the cluster under profile {info.profile!r} is not running (controller "
+                             f"pid {info.controller_pid} is gone); `ipmtc stop --profile {info.profile}` "
+                             "cleans up, then `ipmtc start`")
+    try:
+        client = ipp.Client(profile_dir=info.profile_dir, cluster_id="", timeout=timeout_s)
+    except (OSError, ValueError, TimeoutError, json.JSONDecodeError) as e:
+        raise ClusterError(f"cannot connect to the cluster under profile {info.profile!r}: {e}; "
+                           "check `ipmtc status` or restart it") from None
+    if wait_for_engines and info.n_engines:
+        try:
+            client.wait_for_engines(1, timeout=timeout_s)
+        except TimeoutError:
+            client.close()
+            raise ClusterError(f"the cluster under profile {info.profile!r} has no engines; "
+                               "restart it with `ipmtc stop` and `ipmtc start`") from None
+    return client
+
+
+# ---------------------------------------------------------------- start
+
+
+def _engine_info() -> dict[str, Any]:
+    """Run on each engine once: where it is (fake Slurm nodes share a hostname)."""
+    import os
+    import socket
+
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+            "rank": os.environ.get("PMI_RANK") or os.environ.get("SLURM_PROCID")}
+
+
+def _tail(path: str | os.PathLike, n: int = LOG_TAIL_LINES) -> str:
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join("    " + line for line in lines[-n:])
+
+
+def _log_tails(pdir: Path) -> str:
+    """Last lines of the controller, engine and mpiexec/srun logs, newest files first."""
+    logs = sorted((pdir / "log").glob("*.log"), key=lambda p: p.stat().st_mtime, reverse=True)
+    parts = []
+    for path in logs[:4]:
+        text = _tail(path)
+        if text:
+            parts.append(f"  --- {path}\n{text}")
+    return "\n".join(parts) or "  (no log output)"
+
+
+def _launcher_pids(cluster) -> list[int]:
+    pids = []
+    if cluster.controller is not None and cluster.controller.pid > 0:
+        pids.append(cluster.controller.pid)
+    for es in cluster.engines.values():
+        subs = getattr(es, "launchers", None)
+        if subs:
+            pids += [el.pid for el in subs.values() if el.pid > 0]
+        elif getattr(es, "pid", -1) > 0:
+            pids.append(es.pid)
+    return pids
+
+
+def _live_engine_processes(cluster) -> tuple[int, int]:
+    """(engine launcher processes alive, launcher processes started)."""
+    pids = _launcher_pids(cluster)[1:]
+    return sum(_proc.alive(p) for p in pids), len(pids)
+
+
+def start(*, preset: str | None = None, flags: Mapping[str, Any] | None = None, nodes: int | None = None,
+          engines: int | None = None, profile: str | None = None, environ: Mapping[str, str] | None = None,
+          on_progress: Callable[[int, int], None] | None = None) -> ClusterInfo:
+    """Start a controller here and the engines across the allocation; wait until all registered.
+
+    Returns once every engine has registered, leaving the cluster running in the
+    background. On failure raises :class:`StartupError` with log tails, and
+    nothing it started is left running.
+    """
+    t0 = time.monotonic()
+    environ = os.environ if environ is None else environ
+    resolved = presets.resolve(preset, flags, environ)
+    alloc = allocation.detect(environ)
+    plan: EnginePlan = plan_engines(resolved.preset, alloc, nodes=nodes, engines=engines)
+    resolved = presets.concretize(resolved, plan.n_engines)
+    name = profile or environ.get("IPMTC_PROFILE") or default_name(alloc)
+    pdir = profile_dir(name)
+    old = _load_state(pdir) if pdir.exists() else None
+    if old is not None:
+        if old.running:
+            raise ClusterRunningError(f"a cluster is already running under profile {name!r} "
+                                      f"({old.n_engines} engines, pid {old.controller_pid}); "
+                                      f"`ipmtc stop --profile {name}` first or pick another --profile")
+        _cleanup(old)  # stale state of a cluster that died: its leftovers go now
+    if plan.launcher != "local":
+        try:
+            import mpi4py  # noqa: F401  (engines started with --mpi import it)
+        except ImportError:
+            raise LauncherNotFoundError(f"launcher {plan.launcher!r} starts MPI engines, which need mpi4py; "
+                                        "pip install 'ipmtc[mpi]'") from None
+    write_profile(resolved, plan, alloc, name)
+    for stale in ("ipcontroller-client.json", "ipcontroller-engine.json"):
+        (pdir / "security" / stale).unlink(missing_ok=True)
+
+    import ipyparallel as ipp
+
+    cluster = ipp.Cluster(profile_dir=str(pdir), cluster_id="", shutdown_atexit=False,
+                          log_level=30 if resolved.preset.log_level != "DEBUG" else 10)
+    timeout_s = float(resolved.preset.start_timeout_s)
+    deadline = time.monotonic() + timeout_s
+    client = None
+    registered = 0
+    try:
+        cluster.start_controller_sync()
+        cluster.start_engines_sync(n=plan.n_engines)
+        client = cluster.connect_client_sync()
+        last = -1
+        while True:
+            registered = len(client.ids)
+            if registered != last and on_progress:
+                on_progress(registered, plan.n_engines)
+            last = registered
+            if registered >= plan.n_engines:
+                break
+            if not _proc.alive(cluster.controller.pid):
+                raise StartupError(f"the controller exited during start-up ({registered}/{plan.n_engines} "
+                                   f"engines registered)")
+            live, started = _live_engine_processes(cluster)
+            if live == 0 or (plan.launcher == "local" and live + 0 < started and
+                             registered + live < plan.n_engines):
+                raise StartupError(f"engine processes exited during start-up ({registered}/{plan.n_engines} "
+                                   f"registered, {live}/{started} {plan.launcher} processes alive)")
+            if time.monotonic() > deadline:
+                raise StartupError(f"only {registered}/{plan.n_engines} engines registered within "
+                                   f"{timeout_s:g} s")
+            time.sleep(0.1)
+        startup_s = time.monotonic() - t0
+        engines_info = client[:].apply_async(_engine_info).get(timeout=max(10.0, timeout_s / 4))
+        launcher_pids = _launcher_pids(cluster)
+        info = ClusterInfo(
+            profile=name, profile_dir=str(pdir), n_engines=plan.n_engines, launcher=plan.launcher,
+            allocation=alloc.describe(), job_id=alloc.job_id, hosts=list(plan.hosts),
+            controller_pid=cluster.controller.pid, launcher_pids=launcher_pids,
+            pids=sorted({p for lp in launcher_pids for p in _proc.process_tree(lp)}),
+            started_at=time.time() - startup_s, startup_s=round(startup_s, 3),
+            engines={str(eid): e for eid, e in zip(client.ids, engines_info)},
+            user=getpass.getuser(), hostname=socket.gethostname(), preset=resolved.name)
+        info.save()
+        return info
+    except BaseException as e:
+        tails = _log_tails(pdir)
+        pids = _launcher_pids(cluster)
+        tree = {p for lp in pids for p in _proc.process_tree(lp)}
+        _proc.stop_pids(tree, groups=pids, grace_s=3.0)
+        _remove_files(pdir)
+        if isinstance(e, StartupError):
+            hint = ("hint: raise --timeout-s, check that engines can reach the controller at "
+                    f"{plan.controller_location} (preset controller_ip/controller_location), "
+                    "or use --preset debug for verbose logs")
+            raise StartupError(f"{e}; nothing was left running\n{tails}\n{hint}") from None
+        if isinstance(e, (KeyboardInterrupt, ClusterError)):
+            raise
+        raise StartupError(f"start-up failed: {type(e).__name__}: {e}; nothing was left running\n{tails}") from e
+    finally:
+        if client is not None:
+            client.close()
+
+
+# ---------------------------------------------------------------- stop / status
+
+
+def _remove_files(pdir: Path) -> None:
+    sec = pdir / "security"
+    for f in (STATE_FILE, "ipcontroller-client.json", "ipcontroller-engine.json", "cluster-.json"):
+        (sec / f).unlink(missing_ok=True)
+
+
+def _cluster_file_pids(pdir: Path) -> list[int]:
+    """PIDs ipyparallel recorded (includes engines added later, e.g. walltime replacements)."""
+    try:
+        d = json.loads((pdir / "security" / "cluster-.json").read_text())
+    except (OSError, ValueError):
+        return []
+    pids = [d.get("controller", {}).get("state", {}).get("pid", -1)]
+    for es in d.get("engines", {}).get("sets", {}).values():
+        pids.append(es.get("pid", -1))
+        pids += [e.get("pid", -1) for e in es.get("engines", {}).values()]
+    return [p for p in pids if isinstance(p, int) and p > 0]
+
+
+def _cleanup(info: ClusterInfo) -> int:
+    pdir = Path(info.profile_dir)
+    groups = set(info.launcher_pids) | set(_cluster_file_pids(pdir))
+    # now-current descendants too: nannies and MPI proxies live in other sessions
+    pids = set(info.pids) | {p for g in groups for p in _proc.process_tree(g)}
+    ours = {p for p in pids | groups if _proc.alive(p)}
+    left = _proc.stop_pids(pids, groups=groups, grace_s=5.0)
+    _remove_files(pdir)
+    if left:
+        raise ClusterError(f"processes {left} of profile {info.profile!r} survived SIGKILL; check them by hand")
+    return len(ours)
+
+
+def stop(profile: str | None = None) -> tuple[ClusterInfo, int]:
+    """Stop the cluster (TERM -> wait -> KILL by process group); returns (info, processes stopped)."""
+    info = find(profile)
+    return info, _cleanup(info)
+
+
+def force_clean(profile: str) -> None:
+    """Remove a damaged state file's profile leftovers (ipyparallel's own record of PIDs is still used)."""
+    pdir = profile_dir(profile)
+    groups = _cluster_file_pids(pdir)
+    _proc.stop_pids({p for g in groups for p in _proc.process_tree(g)}, groups=groups)
+    _remove_files(pdir)
+
+
+def status(profile: str | None = None, *, timeout_s: float = 5.0) -> dict[str, Any]:
+    """Engines per host, tasks queued/running/done, uptime. No keys or secrets."""
+    info = find(profile)
+    out: dict[str, Any] = {"profile": info.profile, "running": info.running,
+                           "uptime_s": round(time.time() - info.started_at, 1),
+                           "expected_engines": info.n_engines, "launcher": info.launcher,
+                           "allocation": info.allocation, "startup_s": info.startup_s,
+                           "controller": f"{info.hostname} pid {info.controller_pid}"}
+    if not info.running:
+        return out
+    client = connect(info.profile, timeout_s=timeout_s, wait_for_engines=False)
+    try:
+        ids = list(client.ids)
+        queues = client.queue_status()
+        missing = [i for i in ids if str(i) not in info.engines]
+        if missing:  # engines that joined after start (replacements): ask them, briefly
+            try:
+                got = client[missing].apply_async(_engine_info).get(timeout=2.0)
+                info.engines.update({str(i): g for i, g in zip(missing, got)})
+                info.save()
+            except Exception:  # busy engines do not answer now; shown as unknown
+                pass
+        per_host: dict[str, int] = {}
+        for i in ids:
+            node = info.engines.get(str(i), {}).get("node", "unknown (busy)")
+            per_host[node] = per_host.get(node, 0) + 1
+        running = sum(q.get("tasks", 0) for k, q in queues.items() if isinstance(k, int))
+        queued = sum(q.get("queue", 0) for k, q in queues.items() if isinstance(k, int))
+        done = sum(q.get("completed", 0) for k, q in queues.items() if isinstance(k, int))
+        out.update(engines=len(ids), engines_per_host=dict(sorted(per_host.items())),
+                   tasks_running=running, tasks_queued=queued + queues.get("unassigned", 0),
+                   tasks_done=done)
+    finally:
+        client.close()
+    return out
+
+
+def wait_foreground(info: ClusterInfo) -> None:
+    """Block until SIGINT/SIGTERM or the controller exits, then stop the cluster."""
+    stop_now = False
+
+    def _handler(signum, frame):
+        nonlocal stop_now
+        stop_now = True
+
+    old = {s: signal.signal(s, _handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop_now and info.running:
+            time.sleep(0.5)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        _cleanup(info)
+
