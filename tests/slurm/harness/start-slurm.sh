@@ -28,12 +28,15 @@
 #                           default CTLD_PORT+1; node i gets +i-1)
 #   IPMTC_SLURM_TIMEOUT     seconds to wait for each daemon and for idle nodes
 #                           (default 60)
+#   IPMTC_SLURM_WAIT_SCHED  1 (default): also wait for slurmctld's first
+#                           scheduling pass (~3 s after it starts), so that
+#                           the first job starts as fast as later ones; 0: don't
 #
 # Idempotent: run it again with the same knobs and it keeps the running
 # daemons (and their ports); with other knobs it restarts the Slurm daemons.
 #
 # Output: log lines on stderr; exactly one line on stdout with the timings,
-#   ipmtc-slurm: install <s>s start <s>s nodes=<N> SLURM_CONF=<path>
+#   ipmtc-slurm: install <s>s start <s>s (nodes idle after <s>s) nodes=<N> SLURM_CONF=<path>
 # (also written to $IPMTC_SLURM_BASE/timings.env).
 # After it returns 0:   source "$IPMTC_SLURM_BASE/env.sh"   (exports SLURM_CONF)
 # Stop with stop-slurm.sh (same IPMTC_SLURM_BASE).
@@ -45,6 +48,7 @@ NODES=${IPMTC_SLURM_NODES:-4}
 CPUS=${IPMTC_SLURM_CPUS:-4}
 MEM=${IPMTC_SLURM_MEM_MB:-2000}
 TIMEOUT=${IPMTC_SLURM_TIMEOUT:-60}
+WAIT_SCHED=${IPMTC_SLURM_WAIT_SCHED:-1}
 HOST=$(hostname -s 2>/dev/null || hostname)
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 MSOCK=/run/munge/munge.socket.2      # munged's default socket (see header)
@@ -106,23 +110,26 @@ t_install=$(( $(now_us) - t_install0 ))
 t_start0=$(now_us)
 
 # ---------------------------------------------------------------- helpers
-# pid from a pid file if that process is alive (zombies count as dead: they
-# are reaped late on these machines)
+# alive_pid FILE COMM: pid from a pid file if that process is alive and is
+# COMM (zombies count as dead: they are reaped late on these machines; a
+# stale pid file whose pid now belongs to another program counts as dead)
 alive_pid() {
-  local f=$1 p st
+  local f=$1 want=$2 p st
   [ -s "$f" ] || return 1
   p=$(cat "$f" 2>/dev/null) || return 1
   case $p in ''|*[!0-9]*) return 1 ;; esac
   st=$(awk '{print $3}' "/proc/$p/stat" 2>/dev/null) || return 1
   [ -n "$st" ] && [ "$st" != Z ] || return 1
+  [ "$(cat "/proc/$p/comm" 2>/dev/null)" = "$want" ] || return 1
   echo "$p"
 }
 
 # any Slurm daemon of this base still alive?
 any_slurm_alive() {
   local f
-  for f in "$BASE/run/slurmctld.pid" "$BASE"/run/slurmd-*.pid; do
-    alive_pid "$f" >/dev/null && return 0
+  alive_pid "$BASE/run/slurmctld.pid" slurmctld >/dev/null && return 0
+  for f in "$BASE"/run/slurmd-*.pid; do
+    alive_pid "$f" slurmd >/dev/null && return 0
   done
   return 1
 }
@@ -140,22 +147,21 @@ wait_for() {
 # TCP ports in use on this host (any state, IPv4 and IPv6), one per line
 used_ports() {
   local h
-  for h in $(awk 'NR > 1 { split($2, a, ":"); print a[2] }' /proc/net/tcp /proc/net/tcp6 2>/dev/null); do
-    echo $((16#$h))
-  done
+  awk 'NR > 1 { split($2, a, ":"); print a[2] }' /proc/net/tcp /proc/net/tcp6 2>/dev/null |
+    while read -r h; do echo $((16#$h)); done
 }
 
 # pick_block COUNT: print the first port of COUNT consecutive free ports,
 # chosen at random below the kernel's ephemeral range (so that outgoing
 # connections of srun & co. never grab them first)
 pick_block() {
-  local count=$1 lo=20000 hi eph_lo _eph_hi p i ok try
+  local count=$1 lo=20000 hi eph_lo _eph_hi p i ok
   read -r eph_lo _eph_hi < /proc/sys/net/ipv4/ip_local_port_range
   hi=$((eph_lo - 1))
   if [ $((hi - lo)) -lt $((count + 1000)) ]; then lo=10000; hi=19999; fi
   declare -A used=()
   for p in $(used_ports); do used[$p]=1; done
-  for try in $(seq 1 500); do
+  for _ in $(seq 1 500); do
     p=$((lo + (RANDOM * 32768 + RANDOM) % (hi - lo - count)))
     ok=1
     for ((i = 0; i < count; i++)); do
@@ -269,7 +275,7 @@ export SLURM_CONF=$CONF
 # stop-slurm.sh stops munged only if munge-priv/munged.pid exists, i.e. if
 # this harness started it.
 munge_ok() { munge -S "$MSOCK" -n | unmunge -S "$MSOCK"; }
-if ! alive_pid "$BASE/munge-priv/munged.pid" >/dev/null; then
+if ! alive_pid "$BASE/munge-priv/munged.pid" munged >/dev/null; then
   rm -f "$BASE/munge-priv/munged.pid"
   if munge_ok >/dev/null 2>&1; then
     log "a munged not started from this base already answers on $MSOCK: using it"
@@ -298,7 +304,7 @@ mkdir -p "$REGISTRY"
 printf '%s\n' "$BASE" > "$REGISTRY/$(printf '%s' "$BASE" | md5sum | cut -c1-16)"
 
 # ---------------------------------------------------------------- slurmctld
-if ! alive_pid "$BASE/run/slurmctld.pid" >/dev/null; then
+if ! alive_pid "$BASE/run/slurmctld.pid" slurmctld >/dev/null; then
   log "starting slurmctld on port $CTLD_PORT"
   # -i: ignore unreadable state files (the first start has none)
   slurmctld -f "$CONF" -i </dev/null >/dev/null 2>&1 9>&- \
@@ -310,7 +316,7 @@ wait_for "$TIMEOUT" ctld_up || die "slurmctld not answering: $(tail -5 "$BASE/lo
 # ---------------------------------------------------------------- slurmd(s)
 for n in "${NODE_NAMES[@]}"; do
   mkdir -p "$BASE/spool/slurmd-$n" "$BASE/tmp/$n"
-  if ! alive_pid "$BASE/run/slurmd-$n.pid" >/dev/null; then
+  if ! alive_pid "$BASE/run/slurmd-$n.pid" slurmd >/dev/null; then
     slurmd -f "$CONF" -N "$n" </dev/null >/dev/null 2>&1 9>&- \
       || die "slurmd $n failed: $(tail -5 "$BASE/log/slurmd-$n.log" 2>/dev/null)"
   fi
@@ -340,6 +346,25 @@ until all_idle; do
   fi
   sleep 0.1
 done
+t_idle=$(( $(now_us) - t_start0 ))
+
+# ---------------------------------------------------------------- wait scheduler
+# slurmctld runs its first main scheduling pass only ~3 s after it starts;
+# a batch job submitted before that waits for it (and `sbatch --wait`, which
+# polls at growing intervals, then returns only after ~10 s). Wait for that
+# first pass (sdiag's main "Total cycles" >= 1) so that the first job of a
+# test starts like every later one (~1 s). Skip with IPMTC_SLURM_WAIT_SCHED=0.
+sched_cycles() {
+  sdiag 2>/dev/null | awk '/Main schedule statistics/ { m = 1 } m && /Total cycles:/ { print $3; exit }'
+}
+sched_ran() { local c; c=$(sched_cycles); [ -n "$c" ] && [ "$c" -ge 1 ]; }
+if [ "$WAIT_SCHED" = 1 ] && ! sched_ran; then
+  if [ -z "$(sched_cycles)" ]; then
+    log "note: cannot read sdiag's scheduler cycles: not waiting for the first scheduling pass"
+  else
+    wait_for "$TIMEOUT" sched_ran || die "slurmctld ran no scheduling pass within ${TIMEOUT}s"
+  fi
+fi
 t_start=$(( $(now_us) - t_start0 ))
 
 # ---------------------------------------------------------------- outputs
@@ -350,7 +375,7 @@ export IPMTC_SLURM_BASE=$BASE
 export IPMTC_SLURM_NODES=$NODES
 export IPMTC_SLURM_CPUS=$CPUS
 EOF
-printf 'INSTALL_S=%s\nSTART_S=%s\n' "$(secs "$t_install")" "$(secs "$t_start")" > "$BASE/timings.env"
+printf 'INSTALL_S=%s\nSTART_S=%s\nIDLE_S=%s\n' "$(secs "$t_install")" "$(secs "$t_start")" "$(secs "$t_idle")" > "$BASE/timings.env"
 log "ready: $(sinfo -h -o '%P %a %D %t %N' | tr '\n' ' ')"
 log "use: source $BASE/env.sh"
-echo "ipmtc-slurm: install $(secs "$t_install")s start $(secs "$t_start")s nodes=$NODES SLURM_CONF=$CONF"
+echo "ipmtc-slurm: install $(secs "$t_install")s start $(secs "$t_start")s (nodes idle after $(secs "$t_idle")s) nodes=$NODES SLURM_CONF=$CONF"

@@ -133,7 +133,7 @@ if [ "$KEEP_MUNGE" = 0 ]; then
   # started) but say who loses it.
   if alive_pid "$BASE/munge-priv/munged.pid" >/dev/null; then
     for e in "$REGISTRY"/*; do
-      [ -f "$e" ] && [ "$e" != "$ENTRY" ] || continue
+      if [ ! -f "$e" ] || [ "$e" = "$ENTRY" ]; then continue; fi
       other=$(cat "$e" 2>/dev/null || true)
       if [ -n "$other" ] && alive_pid "$other/run/slurmctld.pid" >/dev/null; then
         log "warning: cluster in $other still uses the munged being stopped"

@@ -1,0 +1,134 @@
+"""``static_map`` and ``dynamic_map``: argument checks, then one :class:`Dispatcher`."""
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ..errors import MapError
+from .dispatch import Dispatcher, Options
+from .result import MapResult
+
+
+def _check(fn, retries, walltime_s, chunksize, fast_abort) -> None:
+    """Bad input is refused before anything is sent."""
+    if not callable(fn):
+        raise MapError(f"the function to map must be callable, got {type(fn).__name__}: {fn!r:.60}")
+    if isinstance(retries, bool) or not isinstance(retries, numbers.Integral) or retries < 0:
+        raise MapError(f"retries must be an integer >= 0, got {retries!r}")
+    if walltime_s is not None and (isinstance(walltime_s, bool) or not isinstance(walltime_s, numbers.Real)
+                                   or not walltime_s > 0):
+        raise MapError(f"walltime_s must be a number of seconds > 0 (or None for no limit), got {walltime_s!r}")
+    if chunksize != "auto" and (isinstance(chunksize, bool) or not isinstance(chunksize, numbers.Integral)
+                                or chunksize < 1):
+        raise MapError(f"chunksize must be 'auto' or an integer >= 1, got {chunksize!r}")
+    if fast_abort is not None and (isinstance(fast_abort, bool) or not isinstance(fast_abort, numbers.Real)
+                                   or not fast_abort > 1):
+        raise MapError(f"fast_abort must be a factor > 1 of the median task time (e.g. 3), got {fast_abort!r}")
+    _check_serializable(fn)
+
+
+def _check_serializable(fn: Callable) -> None:
+    from ipyparallel.serialize import pack_apply_message
+
+    try:
+        pack_apply_message(fn, (), {})
+    except Exception as e:
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise MapError(f"function {name} cannot be sent to the engines: {type(e).__name__}: {e}; "
+                       "define it at module level or avoid capturing locks, files or sockets") from None
+
+
+def _client_and_views(client):
+    """Accept a Client, a view, or None (connect to this job's cluster)."""
+    import ipyparallel as ipp
+
+    if client is None:
+        from ..cluster import connect
+
+        client = connect()
+    if isinstance(client, ipp.LoadBalancedView):
+        return client.client, client, None
+    if isinstance(client, ipp.DirectView):
+        targets = client.targets
+        ids = client.client.ids if targets in (None, "all") else list(
+            targets if isinstance(targets, (list, tuple, range)) else [targets])
+        return client.client, None, ids
+    if isinstance(client, ipp.Client):
+        return client, None, None
+    raise MapError(f"client must be an ipyparallel Client or view, got {type(client).__name__}")
+
+
+def _source(items: Iterable[Any]):
+    return iter(enumerate(items))
+
+
+def _map(schedule: str, fn, items, *, client, retries, walltime_s, chunksize, fast_abort, ordered, star,
+         progress, drain_at, drain_margin_s, journal, key, retry_failed) -> MapResult:
+    _check(fn, retries, walltime_s, chunksize, fast_abort)
+    if items is None:
+        raise MapError("items must be an iterable of task inputs, got None")
+    try:
+        n_total = len(items)
+    except TypeError:
+        n_total = None
+    try:
+        iterator = _source(items)
+    except TypeError:
+        raise MapError(f"items must be iterable, got {type(items).__name__}") from None
+    rc, lview, engines = _client_and_views(client)
+    if not rc.ids:
+        raise MapError("the cluster has no engines; start some with `ipmtc start` and try again")
+    if schedule == "dynamic" and engines is not None:
+        lview = rc.load_balanced_view(targets=engines)
+    opts = Options(schedule=schedule, retries=int(retries), walltime_s=walltime_s, fast_abort=fast_abort,
+                   chunksize=chunksize, ordered=ordered, star=star, progress=progress, drain_at=drain_at,
+                   drain_margin_s=drain_margin_s)
+    jr = None
+    if journal is not None:
+        from ..journal import Journal, task_key
+
+        jr = journal if isinstance(journal, Journal) else Journal.open(journal, fn=fn,
+                                                                         retry_failed=retry_failed)
+        opts.journal = jr
+        opts.key = key or (lambda item: task_key(fn, item))
+    try:
+        return Dispatcher(rc, fn, iterator, n_total, opts, lview=lview, engines=engines).run()
+    finally:
+        if jr is not None and not isinstance(journal, Journal):
+            jr.close()
+
+
+def dynamic_map(fn: Callable, items: Iterable[Any], *, client=None, retries: int = 0,
+                walltime_s: float | None = None, chunksize: int | str = "auto", fast_abort: float | None = None,
+                ordered: bool = True, star: bool = False, progress: bool = True, drain_at: float | None = None,
+                drain_margin_s: float = 30.0, journal=None, key: Callable[[Any], str] | None = None,
+                retry_failed: bool = False) -> MapResult:
+    """Map ``fn`` over ``items``, handing out work as engines free up (best for variable task times).
+
+    retries: re-runs of a task whose function raised (engine loss never spends them).
+    walltime_s: a task running longer is killed (C calls too) and counts as a failed attempt.
+    chunksize: ``"auto"`` groups short tasks, keeps long ones single; or a fixed integer.
+    fast_abort: a task running longer than ``fast_abort`` x the median is aborted and rerun elsewhere.
+    drain_at: epoch seconds (e.g. the job's end): no task is handed out that would not finish before.
+    journal: path of an SQLite journal: finished tasks are skipped when the map is run again.
+    """
+    return _map("dynamic", fn, items, client=client, retries=retries, walltime_s=walltime_s,
+                chunksize=chunksize, fast_abort=fast_abort, ordered=ordered, star=star, progress=progress,
+                drain_at=drain_at, drain_margin_s=drain_margin_s, journal=journal, key=key,
+                retry_failed=retry_failed)
+
+
+def static_map(fn: Callable, items: Iterable[Any], *, client=None, retries: int = 0,
+               walltime_s: float | None = None, chunksize: int | str = "auto", fast_abort: float | None = None,
+               ordered: bool = True, star: bool = False, progress: bool = True, drain_at: float | None = None,
+               drain_margin_s: float = 30.0, journal=None, key: Callable[[Any], str] | None = None,
+               retry_failed: bool = False) -> MapResult:
+    """Map ``fn`` over ``items`` giving every engine the same share up front (best for uniform task times).
+
+    Same arguments and result as :func:`dynamic_map`.
+    """
+    return _map("static", fn, items, client=client, retries=retries, walltime_s=walltime_s,
+                chunksize=chunksize, fast_abort=fast_abort, ordered=ordered, star=star, progress=progress,
+                drain_at=drain_at, drain_margin_s=drain_margin_s, journal=journal, key=key,
+                retry_failed=retry_failed)

@@ -1,0 +1,486 @@
+"""The dispatcher: the single place for map policy.
+
+Chunk sizing, a bounded window of chunks in flight, the retry ledger (a task's
+own exceptions and walltime kills spend its retries; engine loss, straggler
+aborts and drains do not), reaction to engine loss, straggler supervision,
+walltime-aware draining, purging handed-back results, journal writes and
+progress. Results flow one way: engines -> dispatcher -> :class:`MapResult`.
+
+Placement is the only difference between the schedules: ``dynamic`` submits
+chunks to the load-balanced view (so the preset's scheduler and hwm apply);
+``static`` deals chunks round-robin to fixed engines over direct views (each
+engine its fair share; a known-length input goes out as one message per engine).
+"""
+from __future__ import annotations
+
+import math
+import queue
+import signal
+import statistics
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import EnginesLostError
+from . import runner
+from .result import LOST, OK, RAISED, UNDONE, WALLTIME, MapResult, TaskFailure, TaskRecord
+
+TARGET_CHUNK_S = 0.2  # a chunk this long makes per-message cost (~5-10 ms here) negligible
+MAX_CHUNK = 10_000  # bounds message size and the work lost with one engine
+STATIC_WINDOW_PER_ENGINE = 2
+DYNAMIC_WINDOW_PER_ENGINE = 2  # one running + one waiting in the scheduler hides the round trip
+NO_ENGINE_GRACE_S = 3.0
+PURGE_EVERY = 256  # hub/client purges are batched
+
+
+@dataclass
+class _Chunk:
+    indices: list[int]
+    target: int | None
+    submitted: float
+    ar: Any = None
+    speculative: bool = False
+
+
+@dataclass
+class Options:
+    schedule: str = "dynamic"
+    retries: int = 0
+    walltime_s: float | None = None
+    fast_abort: float | None = None
+    chunksize: int | str = "auto"
+    ordered: bool = True
+    star: bool = False
+    progress: bool = True
+    drain_at: float | None = None  # epoch: hand out no task that would end after this
+    drain_margin_s: float = 30.0
+    key: Callable[[Any], str] | None = None
+    journal: Any = None
+    extra: dict = field(default_factory=dict)
+
+
+class Dispatcher:
+    """Runs one map to completion over a connected ``ipyparallel.Client``."""
+
+    def __init__(self, client, fn: Callable, source: Iterator[tuple[int, Any]], n_total: int | None,
+                 opts: Options, *, lview=None, engines: list[int] | None = None):
+        self.client, self.fn, self.opts = client, fn, opts
+        self.source, self.n_total = source, n_total
+        self.source_done = False
+        self.static = opts.schedule == "static"
+        self.lview = lview if lview is not None else (None if self.static else client.load_balanced_view())
+        if self.lview is not None:
+            self.lview.set_flags(retries=0)  # ipyparallel's retries would also spend them on engine loss
+        self.engines: list[int] = list(engines if engines is not None else client.ids)
+        self.known_engines = set(self.engines)
+        self.items: dict[int, Any] = {}  # inputs of tasks not finished yet (needed to resubmit)
+        self.records: dict[int, TaskRecord] = {}
+        self.redo: deque[int] = deque()
+        self.avoid: dict[int, set[int]] = {}
+        self.inflight: dict[str, _Chunk] = {}
+        self.per_engine: dict[int, int] = {}
+        self.rot = 0
+        self.done_q: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.res = MapResult(ordered=opts.ordered, n_engines=len(self.engines), schedule=opts.schedule)
+        self.finished: set[int] = set()
+        self.speculated: set[int] = set()
+        self.durations: deque[float] = deque(maxlen=2000)
+        self.mean_task_s: float | None = None
+        self.to_purge: list[str] = []
+        self.no_engine_since: float | None = None
+        self.draining = False
+        self.isolate = opts.walltime_s is not None or opts.fast_abort is not None
+        self.bar = None
+        self.n_retried = 0
+        self._last_bar = 0.0
+        self._last_supervise = 0.0
+
+    # ------------------------------------------------------------ main loop
+
+    def run(self) -> MapResult:
+        self.res.started_at = time.time()
+        self._open_bar()
+        try:
+            while True:
+                self._fill()
+                if not self.inflight and not self.redo and self.source_done:
+                    break
+                try:
+                    mid = self.done_q.get(timeout=0.05)
+                except queue.Empty:
+                    mid = None
+                while mid is not None:
+                    self._completed(mid)
+                    try:
+                        mid = self.done_q.get_nowait()
+                    except queue.Empty:
+                        mid = None
+                self._supervise()
+        finally:
+            self.res.finished_at = time.time()
+            self._flush_purge()
+            if self.opts.journal is not None:
+                self.opts.journal.flush()
+            self._close_bar()
+            self.res.records = [self.records[i] for i in sorted(self.records)]
+        return self.res
+
+    # ------------------------------------------------------------ submission
+
+    def _chunk_size(self) -> int:
+        cs = self.opts.chunksize
+        n_eng = max(1, len(self.engines))
+        if cs != "auto":
+            return int(cs)
+        if self.static:
+            if self.n_total is not None:  # fair share: one message per engine when it fits
+                return max(1, min(MAX_CHUNK, math.ceil(self.n_total / n_eng)))
+            return 1000
+        if self.mean_task_s is None:
+            return 1  # probe: learn task times before grouping
+        size = TARGET_CHUNK_S / max(self.mean_task_s, 1e-7)
+        if self.n_total is not None:  # guided: shrink toward the end so engines finish together
+            remaining = self.n_total - len(self.finished)
+            size = min(size, remaining / (2 * n_eng))
+        return max(1, min(MAX_CHUNK, int(size)))
+
+    def _take(self, n: int) -> list[int]:
+        out: list[int] = []
+        while self.redo and len(out) < n:
+            out.append(self.redo.popleft())
+        while not self.source_done and len(out) < n:
+            try:
+                index, item = next(self.source)
+            except StopIteration:
+                self.source_done = True
+                break
+            self.items[index] = item
+            rec = self.records[index] = TaskRecord(index=index)
+            if self.opts.key is not None:
+                rec.key = self.opts.key(item)
+                if self.opts.journal is not None:
+                    hit = self.opts.journal.lookup(rec.key)
+                    if hit is not None:
+                        self._from_journal(index, rec, hit)
+                        continue
+            out.append(index)
+        return out
+
+    def _from_journal(self, index: int, rec: TaskRecord, hit: Any) -> None:
+        value, stored = hit
+        for k in ("engine_id", "host", "pid", "started", "finished", "attempts", "outcome", "error"):
+            if k in stored:
+                setattr(rec, k, stored[k])
+        self.items.pop(index, None)
+        self.finished.add(index)
+        self.res.journal_hits += 1
+        if rec.outcome == OK:
+            self.res._set(index, value)
+        else:
+            self._fail(index, rec, {"ename": (rec.error or "Error").split(":")[0],
+                                    "evalue": rec.error or "", "traceback": ""}, record=False)
+        self._tick()
+
+    def _should_drain(self) -> bool:
+        if self.opts.drain_at is None:
+            return False
+        if not self.draining:
+            est = statistics.median(self.durations) if self.durations else 0.0
+            if time.time() + est + self.opts.drain_margin_s > self.opts.drain_at:
+                self.draining = True
+        return self.draining
+
+    def _fill(self) -> None:
+        n_eng = len(self.engines)
+        if n_eng == 0:
+            return
+        window = n_eng * (STATIC_WINDOW_PER_ENGINE if self.static else DYNAMIC_WINDOW_PER_ENGINE)
+        while len(self.inflight) < window:
+            if self._should_drain():
+                return
+            target = None
+            if self.static:
+                target = self.engines[self.rot % n_eng]
+                if self.per_engine.get(target, 0) >= STATIC_WINDOW_PER_ENGINE:
+                    return
+            indices = self._take(self._chunk_size())
+            if not indices:
+                return
+            if self.static:
+                # a retry goes to another engine when there is one
+                if any(target in self.avoid.get(i, ()) for i in indices) and n_eng > 1:
+                    target = self.engines[(self.rot + 1) % n_eng]
+                self.rot += 1
+            self._submit(indices, target)
+
+    def _submit(self, indices: list[int], target: int | None, speculative: bool = False) -> None:
+        tasks = [(i, self.items[i]) for i in indices]
+        args = (self.fn, tasks, self.opts.star, self.opts.walltime_s, self.isolate,
+                self.opts.fast_abort is not None)
+        now = time.time()
+        if target is not None:
+            ar = self.client[target].apply_async(runner.run_chunk, *args)
+        else:
+            avoid = set().union(*(self.avoid.get(i, set()) for i in indices))
+            others = [e for e in self.engines if e not in avoid]
+            if avoid and others:
+                with self.lview.temp_flags(targets=others):
+                    ar = self.lview.apply_async(runner.run_chunk, *args)
+            else:
+                ar = self.lview.apply_async(runner.run_chunk, *args)
+        chunk = _Chunk(indices, target, now, ar, speculative)
+        for i in indices:
+            self.records[i].submitted = now
+        mid = ar.msg_ids[0]
+        self.inflight[mid] = chunk
+        if target is not None:
+            self.per_engine[target] = self.per_engine.get(target, 0) + 1
+        ar.add_done_callback(lambda _f, mid=mid: self.done_q.put(mid))
+
+    # ------------------------------------------------------------ completion
+
+    def _completed(self, mid: str) -> None:
+        chunk = self.inflight.pop(mid, None)
+        if chunk is None:
+            return
+        if chunk.target is not None:
+            self.per_engine[chunk.target] -= 1
+        ar = chunk.ar
+        md = self.client.metadata.get(mid, {})
+        eid = md.get("engine_id", chunk.target)
+        try:
+            node, pid, rows = ar.get(timeout=0)
+        except Exception as e:
+            ename = getattr(e, "ename", type(e).__name__)
+            if ename in ("EngineError", "ImpossibleDependency", "UnmetDependency", "TaskAborted"):
+                self._requeue(chunk.indices, eid, LOST)
+            else:  # the chunk could not run at all (e.g. the function cannot be unpickled there)
+                err = {"ename": ename, "evalue": str(getattr(e, "evalue", e)),
+                       "traceback": getattr(e, "traceback", "") or ""}
+                now = time.time()
+                for i in chunk.indices:
+                    self._charge(i, err, eid, None, None, now, now, RAISED)
+            self._forget(mid)
+            return
+        self._forget(mid)
+        for index, status, payload, started, finished in rows:
+            if index in self.finished:
+                continue  # a speculative duplicate lost the race: discard it
+            if status == runner.OK:
+                rec = self.records[index]
+                rec.engine_id, rec.host, rec.pid = eid, node, pid
+                rec.started, rec.finished = started, finished
+                rec.attempts += 1
+                rec.outcome, rec.error = OK, None
+                self.finished.add(index)
+                self.items.pop(index, None)
+                self.res._set(index, payload)
+                self._learn(finished - started)
+                if self.opts.journal is not None:
+                    self.opts.journal.add(rec, payload)
+                self._tick()
+            elif status in (runner.RAISED, runner.WALLTIME):
+                self._charge(index, payload, eid, node, pid, started, finished,
+                             WALLTIME if status == runner.WALLTIME else RAISED)
+            else:  # aborted straggler / not run: back in line, uncharged
+                if status == runner.ABORTED and index in self.speculated:
+                    continue  # its duplicate is already running elsewhere
+                self._requeue([index], eid, status)
+
+    def _learn(self, duration: float) -> None:
+        self.durations.append(duration)
+        self.mean_task_s = duration if self.mean_task_s is None else 0.9 * self.mean_task_s + 0.1 * duration
+
+    def _charge(self, index: int, err: dict, eid, node, pid, started, finished, outcome: str) -> None:
+        """A task's own failure: spend one of its retries, or fail it for good."""
+        rec = self.records[index]
+        rec.attempts += 1
+        rec.history.append((eid, node, started, finished, outcome))
+        rec.engine_id, rec.host, rec.pid, rec.started, rec.finished = eid, node, pid, started, finished
+        rec.error = f"{err.get('ename')}: {err.get('evalue')}"
+        if rec.attempts <= self.opts.retries:
+            self.n_retried += 1
+            if eid is not None:
+                self.avoid.setdefault(index, set()).add(eid)
+            self.redo.append(index)
+            self._tick(count=False)
+            return
+        rec.outcome = outcome
+        self._fail(index, rec, err)
+
+    def _fail(self, index: int, rec: TaskRecord, err: dict, record: bool = True) -> None:
+        failure = TaskFailure(index=index, item=self.items.pop(index, None), ename=err.get("ename", ""),
+                              evalue=err.get("evalue", ""), traceback=err.get("traceback", ""),
+                              engine_id=rec.engine_id, host=rec.host, attempts=rec.attempts)
+        self.finished.add(index)
+        self.res.failed.append(failure)
+        self.res._set(index, failure)
+        if record and self.opts.journal is not None:
+            self.opts.journal.add(rec, None)
+        self._tick()
+
+    def _requeue(self, indices: list[int], eid, why: str) -> None:
+        """Run again without spending retries (engine lost, straggler aborted, not run)."""
+        for i in indices:
+            if i in self.finished:
+                continue
+            rec = self.records[i]
+            rec.resubmits += 1
+            rec.history.append((eid, None, None, None, why))
+            self.redo.appendleft(i)
+
+    def _forget(self, mid: str) -> None:
+        """Drop the client's copy of a handed-back result; bounded memory for a million tasks."""
+        self.client.results.pop(mid, None)
+        self.client.metadata.pop(mid, None)
+        self.client._futures.pop(mid, None)
+        self.client._output_futures.pop(mid, None)
+        self.to_purge.append(mid)
+        if len(self.to_purge) >= PURGE_EVERY:
+            self._flush_purge()
+
+    def _flush_purge(self) -> None:
+        if not self.to_purge:
+            return
+        ids, self.to_purge = self.to_purge, []
+        try:
+            self.client.purge_hub_results(jobs=ids)
+        except Exception:  # NoDB keeps nothing to purge; a busy hub is not worth failing for
+            pass
+
+    # ------------------------------------------------------------ supervision
+
+    def _supervise(self) -> None:
+        now = time.monotonic()
+        if now - self._last_supervise < 0.1:
+            return
+        self._last_supervise = now
+        ids = list(self.client.ids)
+        alive = set(ids)
+        lost = [e for e in self.engines if e not in alive]
+        if lost:
+            self.res.engine_losses += len(lost)
+            self.engines = [e for e in self.engines if e in alive]
+        new = [e for e in ids if e not in self.known_engines]
+        if new:  # replacements (or late starters) join the rotation
+            self.known_engines.update(new)
+            self.engines += new
+        if not self.engines and (self.inflight or self.redo or not self.source_done):
+            self.no_engine_since = self.no_engine_since or now
+            if now - self.no_engine_since > NO_ENGINE_GRACE_S:
+                self._give_up()
+        else:
+            self.no_engine_since = None
+        if self.opts.fast_abort is not None:
+            self._stragglers()
+        if self.draining and not self.inflight:
+            self._mark_undone()
+        self._refresh_bar()
+
+    def _stragglers(self) -> None:
+        if len(self.durations) < max(5, len(self.engines)):
+            return
+        limit = self.opts.fast_abort * statistics.median(self.durations)
+        now = time.time()
+        for mid, chunk in list(self.inflight.items()):
+            md = self.client.metadata.get(mid)
+            started = md.get("data", {}).get("ipmtc_started") if md else None
+            if not started:
+                continue
+            index, t0 = started
+            if index in self.speculated or index in self.finished or now - t0 <= limit:
+                continue
+            self.speculated.add(index)
+            eid = md.get("engine_id", chunk.target)
+            # abort the straggler (SIGINT: the engine's runner kills its task) and run it elsewhere;
+            # whichever copy finishes first wins, the other is discarded
+            if eid is not None:
+                try:
+                    self.client.send_signal(signal.SIGINT, targets=[eid], block=False)
+                except Exception:
+                    pass
+                self.avoid.setdefault(index, set()).add(eid)
+            rec = self.records[index]
+            rec.resubmits += 1
+            rec.history.append((eid, None, t0, now, "straggler"))
+            others = [e for e in self.engines if e != eid]
+            self._submit([index], others[0] if self.static and others else None, speculative=True)
+
+    def _mark_undone(self) -> None:
+        """Allocation ending: what was not handed out is reported, not lost."""
+        undone = list(self.redo)
+        self.redo.clear()
+        if not self.source_done:
+            for index, item in self.source:
+                self.records[index] = TaskRecord(index=index)
+                undone.append(index)
+            self.source_done = True
+        for i in undone:
+            self.records[i].outcome = UNDONE
+            self.items.pop(i, None)
+        self.res.undone.extend(sorted(undone))
+
+    def _give_up(self) -> None:
+        outstanding = sorted({i for c in self.inflight.values() for i in c.indices} | set(self.redo))
+        for mid in list(self.inflight):
+            self.inflight.pop(mid)
+        self.redo.clear()
+        self._mark_undone_list(outstanding)
+        self.res.records = [self.records[i] for i in sorted(self.records)]
+        self.res.finished_at = time.time()
+        err = EnginesLostError(
+            f"all engines are gone with {len(self.res.undone)} task(s) outstanding; "
+            f"{len(self.res)} results are kept in this error's .result; restart the cluster "
+            "(ipmtc stop; ipmtc start) and map the undone tasks again")
+        err.result = self.res
+        raise err
+
+    def _mark_undone_list(self, indices: list[int]) -> None:
+        for i in indices:
+            if i not in self.finished:
+                self.records[i].outcome = UNDONE
+                self.res.undone.append(i)
+        self._mark_undone()
+
+    # ------------------------------------------------------------ progress
+
+    def _open_bar(self) -> None:
+        if not self.opts.progress:
+            return
+        try:
+            from ipykernel.zmqshell import ZMQInteractiveShell  # noqa: F401
+            from IPython import get_ipython
+
+            in_notebook = isinstance(get_ipython(), ZMQInteractiveShell)
+        except Exception:
+            in_notebook = False
+        if in_notebook:
+            try:
+                import ipywidgets  # noqa: F401
+                from tqdm.notebook import tqdm
+            except ImportError:
+                from tqdm import tqdm
+        else:
+            from tqdm import tqdm
+        self.bar = tqdm(total=self.n_total, desc=f"ipmtc {self.opts.schedule}", unit="task",
+                        file=sys.stderr, dynamic_ncols=True)
+
+    def _tick(self, count: bool = True) -> None:
+        if self.bar is not None and count:
+            self.bar.update(1)
+
+    def _refresh_bar(self) -> None:
+        if self.bar is None or time.monotonic() - self._last_bar < 0.3:
+            return
+        self._last_bar = time.monotonic()
+        self.bar.set_postfix(failed=len(self.res.failed), retried=self.n_retried,
+                             engines=len(self.engines), refresh=False)
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self._last_bar = 0.0
+            self._refresh_bar()
+            self.bar.close()

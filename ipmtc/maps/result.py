@@ -1,0 +1,138 @@
+"""What a map hands back: results in order or as completed, failures, per-task records."""
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# outcomes of a task (final) and of an attempt
+OK, RAISED, WALLTIME, LOST, UNDONE = "ok", "raised", "walltime", "lost", "undone"
+
+
+@dataclass(slots=True)
+class TaskRecord:
+    """One task: where and when it ran, how often, and how it ended."""
+
+    index: int
+    key: str | None = None
+    engine_id: int | None = None
+    host: str | None = None
+    pid: int | None = None
+    submitted: float | None = None  # epoch seconds, last attempt
+    started: float | None = None
+    finished: float | None = None
+    attempts: int = 0  # attempts charged to the task (its own exceptions / walltime)
+    resubmits: int = 0  # re-runs not charged: engine lost, straggler abort, drained
+    outcome: str | None = None  # ok | raised | walltime | undone
+    error: str | None = None  # "Ename: message" of the last failure
+    history: list = field(default_factory=list)  # earlier attempts: (engine_id, host, started, finished, outcome)
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.started is None or self.finished is None:
+            return None
+        return self.finished - self.started
+
+
+@dataclass
+class TaskFailure:
+    """A task that exhausted its retries: the remote traceback, engine id and host."""
+
+    index: int
+    item: Any
+    ename: str
+    evalue: str
+    traceback: str
+    engine_id: int | None
+    host: str | None
+    attempts: int
+
+    def __str__(self) -> str:
+        return f"task {self.index} failed on engine {self.engine_id} ({self.host}) after " \
+               f"{self.attempts} attempt(s): {self.ename}: {self.evalue}"
+
+
+class MapResult:
+    """Results of a map. Iterating gives results in input order (``ordered=True``) or as they completed.
+
+    A failed task's slot holds its :class:`TaskFailure` (check ``res.failed``).
+    """
+
+    def __init__(self, *, ordered: bool = True, n_engines: int = 0, schedule: str = ""):
+        self.ordered = ordered
+        self.schedule = schedule
+        self.n_engines = n_engines
+        self._values: dict[int, Any] = {}
+        self._completion: list[int] = []
+        self.records: list[TaskRecord] = []
+        self.failed: list[TaskFailure] = []
+        self.undone: list[int] = []  # indices left undone (allocation ending, engines lost)
+        self.engine_losses = 0
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.journal_hits = 0  # results taken from a journal instead of running
+
+    # filled by the dispatcher
+    def _set(self, index: int, value: Any) -> None:
+        self._values[index] = value
+        self._completion.append(index)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __iter__(self) -> Iterator[Any]:
+        order = sorted(self._values) if self.ordered else self._completion
+        for i in order:
+            yield self._values[i]
+
+    def __getitem__(self, index: int) -> Any:
+        return self._values[index]
+
+    def get(self) -> list[Any]:
+        """All results as a list (in the iteration order)."""
+        return list(self)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.undone
+
+    def summary(self) -> dict[str, Any]:
+        """Tasks, failures, retries, engine losses, makespan, efficiency."""
+        recs = self.records
+        busy = sum(r.duration_s or 0.0 for r in recs) + sum(
+            (h[3] - h[2]) for r in recs for h in r.history if h[2] and h[3])
+        makespan = (self.finished_at or 0) - (self.started_at or 0) if self.started_at else 0.0
+        durations = [r.duration_s for r in recs if r.outcome == OK and r.duration_s is not None]
+        eff = busy / (self.n_engines * makespan) if self.n_engines and makespan > 0 else None
+        return {
+            "schedule": self.schedule,
+            "tasks": len(recs),
+            "ok": sum(r.outcome == OK for r in recs),
+            "failed": len(self.failed),
+            "undone": len(self.undone),
+            "retries": sum(max(0, r.attempts - 1) for r in recs),
+            "resubmits": sum(r.resubmits for r in recs),
+            "from_journal": self.journal_hits,
+            "engine_losses": self.engine_losses,
+            "engines": self.n_engines,
+            "makespan_s": round(makespan, 3),
+            "busy_s": round(busy, 3),
+            "median_task_s": round(statistics.median(durations), 6) if durations else None,
+            "efficiency": round(eff, 4) if eff is not None else None,
+        }
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        return (f"<MapResult {s['schedule']}: {s['ok']}/{s['tasks']} ok, {s['failed']} failed, "
+                f"{s['retries']} retries, {s['engine_losses']} engine losses, makespan {s['makespan_s']} s>")
+
+    def save(self, path: str | Path) -> Path:
+        """Write the records and summary as JSON (``ipmtc report`` reads it)."""
+        path = Path(path)
+        data = {"summary": self.summary(), "started_at": self.started_at, "finished_at": self.finished_at,
+                "n_engines": self.n_engines, "records": [asdict(r) for r in self.records]}
+        path.write_text(json.dumps(data, default=str))
+        return path
