@@ -57,6 +57,16 @@ def process_tree(pid: int) -> list[int]:
         return []
 
 
+def start_time(pid: int) -> float | None:
+    """When ``pid`` started (to tell a recorded process from a later one reusing its PID)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
 def _signal(pid: int, sig: int, group: bool) -> None:
     try:
         if group:

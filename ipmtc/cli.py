@@ -201,5 +201,150 @@ def demo(engines, tasks):
     run_demo(engines=engines, tasks=tasks, echo=click.echo)
 
 
+@main.command("run")
+@click.argument("tasks_file", metavar="TASKS.txt", type=click.Path(dir_okay=False, path_type=str))
+@profile_option
+@click.option("--outdir", type=click.Path(file_okay=False, path_type=str),
+              help="where <line>.out and <line>.err go (default: TASKS.txt.out/)")
+@click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
+              help="re-runs of a command that fails (non-zero exit or walltime)")
+@click.option("--walltime-s", type=click.FloatRange(min=0, min_open=True),
+              help="kill a command (its whole process group) after this many seconds")
+@click.option("--journal", "journal_path", type=click.Path(dir_okay=False, path_type=str),
+              help="task journal; done lines are skipped on a rerun (default: TASKS.txt.journal.db)")
+@click.option("--retry-failed", is_flag=True, help="also rerun the lines the journal records as failed")
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+@_fail_cleanly
+def run(tasks_file, profile, outdir, retries, walltime_s, journal_path, retry_failed, no_progress):
+    """Run a file of shell commands (one per line) over the cluster's engines.
+
+    Blank lines and # comments are skipped. A non-zero exit status is a failure.
+    Rerunning the same command after a crash or Ctrl-C skips the lines already done.
+    Exit status: 0 if every command succeeded, 1 otherwise, 130 when interrupted.
+    """
+    from . import commands as _commands
+
+    tasks = _commands.read_task_file(tasks_file)
+    outdir = outdir or f"{tasks_file}.out"
+    journal_path = journal_path or f"{tasks_file}.journal.db"
+    jr = _commands.open_journal(journal_path, outdir, retry_failed=retry_failed)
+    rc = None
+    t0 = time.monotonic()
+    jerr = None
+    try:
+        rc = _cluster.connect(profile)
+        n_engines = len(rc.ids)
+        try:
+            res = _commands.run_commands(tasks, client=rc, outdir=outdir, retries=retries, walltime_s=walltime_s,
+                                         journal=jr, retry_failed=retry_failed, progress=not no_progress)
+        except IpmtcError as e:
+            if getattr(e, "result", None) is None:
+                raise
+            res, jerr = e.result, e  # journal or engines failed: the finished part is still reported
+        summary = _commands.summarize(res, tasks, jr)
+    except KeyboardInterrupt:
+        jr.close()
+        click.echo(f"\nipmtc run: interrupted; {jr.n_recorded} commands were recorded in journal {journal_path} "
+                   "by this run; run the same command again to continue", err=True)
+        sys.exit(130)
+    finally:
+        jr.close()
+        if rc is not None:
+            rc.close()
+    for line in _commands.format_summary(summary, outdir=outdir, journal_path=journal_path,
+                                         elapsed_s=time.monotonic() - t0, n_engines=n_engines):
+        click.echo(line)
+    if jerr is not None:
+        click.echo(f"ipmtc: error: {jerr}", err=True)
+        sys.exit(1)
+    if summary["failed"] or summary["undone"]:
+        sys.exit(1)
+
+
+@main.group()
+def journal():
+    """Inspect task journals (``journal=`` of a map, ``ipmtc run``)."""
+
+
+@journal.command("show")
+@click.argument("path", metavar="RUN.db", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--failed", "failed_only", is_flag=True, help="list every failed task (and export only those)")
+@click.option("--csv", "csv_out", type=click.Path(dir_okay=False, path_type=str), metavar="OUT",
+              help="export the tasks as CSV")
+@click.option("--jsonl", "jsonl_out", type=click.Path(dir_okay=False, path_type=str), metavar="OUT",
+              help="export the tasks as JSON Lines")
+@_fail_cleanly
+def journal_show(path, failed_only, csv_out, jsonl_out):
+    """Counts by outcome, failed tasks with their errors; export to CSV / JSON Lines."""
+    from .journal import Journal
+
+    jr = Journal.open(path, readonly=True)
+    try:
+        meta, counts, runs = jr.meta(), jr.counts(), jr.runs()
+        total = sum(counts.values())
+        last = runs[-1] if runs else None
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["started"])) if last else "-"
+        click.echo(f"journal {path}: map of {meta.get('function')}, {total} tasks recorded in {len(runs)} "
+                   f"run{'s' if len(runs) != 1 else ''} (last started {when}"
+                   + (f" by pid {last['pid']} on {last['host']})" if last else ")"))
+        click.echo(f"  {'outcome':10s} {'tasks':>8s}")
+        for outcome in sorted(counts, key=lambda o: (o != "ok", o)):
+            click.echo(f"  {outcome:10s} {counts[outcome]:8d}")
+        click.echo(f"  {'total':10s} {total:8d}")
+        failed = list(jr.rows(failed_only=True))
+        if failed:
+            limit = None if failed_only else 20
+            click.echo(f"failed tasks ({len(failed)}):")
+            click.echo(f"  {'index':>7s} {'attempts':>8s} {'host':12s} error")
+            for r in failed[:limit]:
+                err = " ".join((r["error"] or "").split())
+                click.echo(f"  {r['idx'] if r['idx'] is not None else '-':>7} {r['attempts'] or 0:8d} "
+                           f"{(r['host'] or '-')[:12]:12s} {err[:160]}")
+            if limit is not None and len(failed) > limit:
+                click.echo(f"  ... and {len(failed) - limit} more (--failed lists them all)")
+        for out, fmt in ((csv_out, "csv"), (jsonl_out, "jsonl")):
+            if out:
+                n = _export_journal(jr, out, fmt, failed_only)
+                click.echo(f"wrote {n} tasks to {out} ({fmt})")
+    finally:
+        jr.close()
+
+
+def _export_journal(jr, out: str, fmt: str, failed_only: bool) -> int:
+    import csv
+    import json
+
+    from .errors import JournalError
+
+    def jsonable(v):
+        try:
+            json.dumps(v)
+            return v
+        except (TypeError, ValueError):
+            return repr(v)
+
+    cols = ["key", "idx", "outcome", "attempts", "resubmits", "engine_id", "host", "pid", "started", "finished",
+            "duration_s", "error", "run", "recorded", "value"]
+    n = 0
+    try:
+        with open(out, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=cols) if fmt == "csv" else None
+            if writer:
+                writer.writeheader()
+            for r in jr.rows(failed_only=failed_only, values=True):
+                r["duration_s"] = (r["finished"] - r["started"]) if r["started"] and r["finished"] else None
+                r["value"] = jsonable(r["value"])
+                if writer:
+                    if not isinstance(r["value"], str) and r["value"] is not None:
+                        r["value"] = json.dumps(r["value"])
+                    writer.writerow(r)
+                else:
+                    f.write(json.dumps({c: r.get(c) for c in cols}) + "\n")
+                n += 1
+    except OSError as e:
+        raise JournalError(f"cannot write {out}: {e.strerror}") from None
+    return n
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

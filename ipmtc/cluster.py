@@ -46,6 +46,7 @@ class ClusterInfo:
     started_at: float = 0.0
     startup_s: float = 0.0
     engines: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> host, pid, node
+    pid_times: dict[str, float] = field(default_factory=dict)  # pid -> start time (PID reuse guard)
     user: str = ""
     hostname: str = ""
     preset: str = ""
@@ -131,9 +132,10 @@ def connect(profile: str | None = None, *, timeout_s: float = 10.0, wait_for_eng
                              "cleans up, then `ipmtc start`")
     try:
         client = ipp.Client(profile_dir=info.profile_dir, cluster_id="", timeout=timeout_s)
-    except (OSError, ValueError, TimeoutError, json.JSONDecodeError) as e:
-        raise ClusterError(f"cannot connect to the cluster under profile {info.profile!r}: {e}; "
-                           "check `ipmtc status` or restart it") from None
+    except Exception as e:  # damaged/missing connection file, unreachable controller
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ClusterError(f"cannot connect to the cluster under profile {info.profile!r}: "
+                           f"{type(e).__name__}: {first}; check `ipmtc status` or restart it") from None
     if wait_for_engines and info.n_engines:
         try:
             client.wait_for_engines(1, timeout=timeout_s)
@@ -226,6 +228,8 @@ def start(*, preset: str | None = None, flags: Mapping[str, Any] | None = None, 
             raise LauncherNotFoundError(f"launcher {plan.launcher!r} starts MPI engines, which need mpi4py; "
                                         "pip install 'ipmtc[mpi]'") from None
     write_profile(resolved, plan, alloc, name)
+    for old_log in (pdir / "log").glob("*.log"):  # tails shown on failure must be this start's
+        old_log.unlink(missing_ok=True)
     for stale in ("ipcontroller-client.json", "ipcontroller-engine.json"):
         (pdir / "security" / stale).unlink(missing_ok=True)
 
@@ -264,15 +268,19 @@ def start(*, preset: str | None = None, flags: Mapping[str, Any] | None = None, 
         startup_s = time.monotonic() - t0
         engines_info = client[:].apply_async(_engine_info).get(timeout=max(10.0, timeout_s / 4))
         launcher_pids = _launcher_pids(cluster)
+        all_pids = sorted({p for lp in launcher_pids for p in _proc.process_tree(lp)})
         info = ClusterInfo(
             profile=name, profile_dir=str(pdir), n_engines=plan.n_engines, launcher=plan.launcher,
             allocation=alloc.describe(), job_id=alloc.job_id, hosts=list(plan.hosts),
             controller_pid=cluster.controller.pid, launcher_pids=launcher_pids,
-            pids=sorted({p for lp in launcher_pids for p in _proc.process_tree(lp)}),
+            pids=all_pids, pid_times={str(p): t for p in all_pids if (t := _proc.start_time(p))},
             started_at=time.time() - startup_s, startup_s=round(startup_s, 3),
             engines={str(eid): e for eid, e in zip(client.ids, engines_info)},
             user=getpass.getuser(), hostname=socket.gethostname(), preset=resolved.name)
         info.save()
+        # ipyparallel writes its cluster file world-readable; every file in security/ is 0600
+        for f in (pdir / "security").glob("*.json"):
+            os.chmod(f, 0o600)
         return info
     except BaseException as e:
         tails = _log_tails(pdir)
@@ -315,11 +323,18 @@ def _cluster_file_pids(pdir: Path) -> list[int]:
     return [p for p in pids if isinstance(p, int) and p > 0]
 
 
+def _same_process(info: ClusterInfo, pid: int) -> bool:
+    """False if ``pid`` now belongs to another process than the one recorded at start (PID reuse)."""
+    then = info.pid_times.get(str(pid))
+    now = _proc.start_time(pid)
+    return then is None or now is None or abs(now - then) < 0.5
+
+
 def _cleanup(info: ClusterInfo) -> int:
     pdir = Path(info.profile_dir)
-    groups = set(info.launcher_pids) | set(_cluster_file_pids(pdir))
+    groups = {g for g in set(info.launcher_pids) | set(_cluster_file_pids(pdir)) if _same_process(info, g)}
     # now-current descendants too: nannies and MPI proxies live in other sessions
-    pids = set(info.pids) | {p for g in groups for p in _proc.process_tree(g)}
+    pids = {p for p in info.pids if _same_process(info, p)} | {p for g in groups for p in _proc.process_tree(g)}
     ours = {p for p in pids | groups if _proc.alive(p)}
     left = _proc.stop_pids(pids, groups=groups, grace_s=5.0)
     _remove_files(pdir)

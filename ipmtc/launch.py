@@ -92,6 +92,9 @@ def plan_engines(preset: Preset, alloc: Allocation, *, nodes: int | None = None,
 
     if not alloc.is_batch or launcher == "local":
         if nodes not in (None, 1):
+            if alloc.is_batch:
+                raise AllocationError(f"--nodes {nodes}: the local launcher runs engines on this node only; "
+                                      "use --launcher srun/mpiexec or --nodes 1")
             raise AllocationError(f"--nodes {nodes}: no batch allocation here ({alloc.describe()}); "
                                   "run inside a Slurm/PBS/LSF job or use --engines")
         sub = alloc if not alloc.is_batch else alloc.first(1)

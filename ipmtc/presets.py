@@ -61,6 +61,7 @@ MINIMUM: dict[str, float] = {"hwm": 0, "heartbeat_period_ms": 1, "heartbeat_miss
                              "engine_heartbeat_misses": 0, "registration_timeout_s": 0.001,
                              "engine_timeout_s": 0.001, "start_timeout_s": 0.001,
                              "engines_per_node": 1}
+INTEGER_KEYS = ("hwm", "heartbeat_period_ms", "heartbeat_misses", "engine_heartbeat_misses", "engines_per_node")
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,10 @@ def _is_path(preset: str) -> bool:
 def coerce(key: str, value: Any, origin: str) -> Any:
     """Check and convert one value; ``origin`` names where it came from for the message."""
     if key not in FIELDS or key == "description" and origin.startswith("flag"):
-        raise PresetError(f"{origin}: unknown key {key!r}; valid keys: {', '.join(k for k in FIELDS)}")
+        valid = ", ".join(k for k in FIELDS if k != "description" or not origin.startswith("flag"))
+        raise PresetError(f"{origin}: unknown key {key!r}; valid keys: {valid}")
+    if value is None:
+        raise PresetError(f"{origin}: {key} has no value; give one or delete the line")
     if key == "description":
         return str(value)
     if isinstance(value, str) and value.strip().lower() == AUTO and AUTO not in CHOICES.get(key, ()):
@@ -142,8 +146,7 @@ def coerce(key: str, value: Any, origin: str) -> Any:
                 raise TypeError
             return tuple(str(v) for v in value)
         if key in MINIMUM:
-            is_int = key in ("hwm", "heartbeat_period_ms", "heartbeat_misses",
-                             "engine_heartbeat_misses", "engines_per_node")
+            is_int = key in INTEGER_KEYS
             if isinstance(value, bool):
                 raise TypeError
             num = float(value)
@@ -161,8 +164,9 @@ def coerce(key: str, value: Any, origin: str) -> Any:
         if key in CHOICES and value not in CHOICES[key]:
             raise PresetError(f"{origin}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
         return value
-    except (TypeError, ValueError):
-        kind = "list of strings" if key == "mpi_args" else type(default).__name__
+    except (TypeError, ValueError, OverflowError):
+        kind = ("list of strings" if key == "mpi_args" else "whole number" if key in INTEGER_KEYS
+                else "number" if key in MINIMUM else type(default).__name__)
         if key in AUTO_OK:
             kind += " or 'auto'"
         raise PresetError(f"{origin}: {key} must be a {kind}, got {value!r}") from None

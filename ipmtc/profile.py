@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 from .allocation import Allocation
@@ -37,7 +38,7 @@ def profile_dir(name: str) -> Path:
 
 
 def check_name(name: str) -> None:
-    if not _NAME_OK.match(name):
+    if not _NAME_OK.fullmatch(name):
         raise PresetError(f"profile name {name!r} is not usable as a directory name; "
                           "use letters, digits, '.', '_', '+' or '-'")
 
@@ -89,6 +90,8 @@ def render(resolved: Resolved, plan: EnginePlan, alloc: Allocation) -> dict[str,
     if plan.launcher != "local":
         cluster_lines += [
             f"c.MPIEngineSetLauncher.mpi_cmd = {_py(plan.mpi_cmd)}",
+            "# ipmtc.engine = ipyparallel's engine, ignoring hydra's SIGUSR1 failure notice",
+            f"c.MPIEngineSetLauncher.engine_cmd = {_py([sys.executable, '-m', 'ipmtc.engine'])}",
             "# keep-going flags: one engine's death must not take the others down",
             f"c.MPIEngineSetLauncher.mpi_args = {_py(plan.mpi_args)}",
         ]

@@ -249,8 +249,7 @@ class Dispatcher:
         if chunk.target is not None:
             self.per_engine[chunk.target] -= 1
         ar = chunk.ar
-        md = self.client.metadata.get(mid, {})
-        eid = md.get("engine_id", chunk.target)
+        eid = self._engine_of(mid, chunk)
         try:
             node, pid, rows = ar.get(timeout=0)
         except Exception as e:
@@ -289,6 +288,16 @@ class Dispatcher:
                 if status == runner.ABORTED and index in self.speculated:
                     continue  # its duplicate is already running elsewhere
                 self._requeue([index], eid, status)
+
+    def _engine_of(self, mid: str, chunk: _Chunk) -> int | None:
+        # ipyparallel may drop client.metadata[mid] once reply and output are in; the
+        # AsyncResult keeps its own reference to the same record
+        md = self.client.metadata.get(mid) or (chunk.ar._metadata[0] if chunk.ar is not None else {})
+        eid = md.get("engine_id")
+        if eid is None and md.get("engine_uuid"):
+            # the reply can be handled before ipyparallel fills engine_id in
+            eid = next((i for i, u in self.client._engines.items() if u == md["engine_uuid"]), None)
+        return eid if eid is not None else chunk.target
 
     def _learn(self, duration: float) -> None:
         self.durations.append(duration)
@@ -394,7 +403,7 @@ class Dispatcher:
             if index in self.speculated or index in self.finished or now - t0 <= limit:
                 continue
             self.speculated.add(index)
-            eid = md.get("engine_id", chunk.target)
+            eid = self._engine_of(mid, chunk)
             # abort the straggler (SIGINT: the engine's runner kills its task) and run it elsewhere;
             # whichever copy finishes first wins, the other is discarded
             if eid is not None:

@@ -1,0 +1,184 @@
+"""Real controller and engines: local and MPI (mpich wheel) launchers, status, stop, faults."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+import ipmtc
+from ipmtc import _proc, cluster
+from ipmtc.errors import ClusterRunningError, NoClusterError, StartupError
+
+from ..conftest import processes_with_env, wait_all_dead
+
+
+def _square(x):
+    return x * x
+
+
+@pytest.mark.parametrize("launcher", ["local", "mpiexec"])
+@pytest.mark.parametrize("n", [2, 8])
+def test_start_status_map_stop(start_cluster, launcher, n):
+    info = start_cluster(n, launcher=launcher)
+    assert info.n_engines == n and info.launcher == launcher
+    assert len(info.engines) == n and info.startup_s > 0
+    st = cluster.status(info.profile)
+    assert st["running"] and st["engines"] == n
+    assert st["engines_per_host"] == {socket.gethostname(): n}
+    assert "key" not in json.dumps(st).lower()  # no secrets in status
+
+    rc = ipmtc.connect(info.profile)
+    try:
+        pids = rc[:].apply_sync(os.getpid)
+        assert len(set(pids)) == n
+        assert rc.load_balanced_view().map_sync(_square, range(50)) == [x * x for x in range(50)]
+        if launcher == "mpiexec":  # engines really are MPI ranks of one mpiexec
+            ranks = sorted(int(e["rank"]) for e in info.engines.values())
+            assert ranks == list(range(n))
+    finally:
+        rc.close()
+    _, stopped = cluster.stop(info.profile)
+    assert stopped >= 1 + 2 * n  # controller, engines and their nannies
+    assert not wait_all_dead(info.pids + info.launcher_pids)
+    with pytest.raises(NoClusterError):  # idempotent: a second stop finds nothing, says so
+        cluster.stop(info.profile)
+
+
+def test_two_clusters_side_by_side(start_cluster):
+    a = start_cluster(2, profile="alpha")
+    b = start_cluster(3, profile="beta")
+    assert {c.profile for c in cluster.list_clusters() if c.running} == {"alpha", "beta"}
+    ra, rb = ipmtc.connect("alpha"), ipmtc.connect("beta")
+    try:
+        pa, pb = set(ra[:].apply_sync(os.getpid)), set(rb[:].apply_sync(os.getpid))
+        assert len(pa) == 2 and len(pb) == 3 and not pa & pb
+        # their connection files name different ports: nothing shared
+        fa = json.loads((Path(a.profile_dir) / "security/ipcontroller-client.json").read_text())
+        fb = json.loads((Path(b.profile_dir) / "security/ipcontroller-client.json").read_text())
+        assert fa["registration"] != fb["registration"]
+        cluster.stop("alpha")
+        assert len(rb[:].apply_sync(os.getpid)) == 3  # beta unaffected
+    finally:
+        ra.close()
+        rb.close()
+
+
+def test_sigkill_one_mpi_engine_leaves_the_others_working(start_cluster):
+    info = start_cluster(4, launcher="mpiexec")
+    rc = ipmtc.connect(info.profile)
+    try:
+        victim_id = rc.ids[0]
+        victim = info.engines[str(victim_id)]["pid"]
+        nanny = [p for p in _proc.process_tree(victim) if p != victim]
+        for p in [victim, *nanny]:
+            os.kill(p, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while victim_id in rc.ids and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert victim_id not in rc.ids and len(rc.ids) == 3
+        mpiexec_pid = info.launcher_pids[1]
+        assert _proc.alive(mpiexec_pid), "mpiexec took the other ranks down"
+        assert sorted(rc.load_balanced_view().map_sync(_square, range(30))) == sorted(x * x for x in range(30))
+        assert len(set(rc[:].apply_sync(os.getpid))) == 3
+    finally:
+        rc.close()
+
+
+def _engine_settings():
+    from ipyparallel.engine.app import IPEngine
+
+    e = IPEngine.instance()
+    return {"hb_period_ms": e.hb_check_period - 500, "timeout": e.timeout,
+            "max_heartbeat_misses": e.max_heartbeat_misses}
+
+
+def test_generated_settings_are_in_effect(start_cluster):
+    info = start_cluster(2, heartbeat_period_ms=700, engine_timeout_s=42, engine_heartbeat_misses=7,
+                         hwm=0, scheme="lru", task_db="none")
+    rc = ipmtc.connect(info.profile)
+    try:
+        for s in rc[:].apply_sync(_engine_settings):  # the controller told engines its heartbeat
+            assert s == {"hb_period_ms": 700, "timeout": 42.0, "max_heartbeat_misses": 7}
+        log = "".join(p.read_text() for p in (Path(info.profile_dir) / "log").glob("ipcontroller*.log"))
+        assert "Task scheduler started [lru]" in log
+        # hwm=0: the scheduler hands every task out at once, none waits unassigned
+        ar = rc.load_balanced_view().map_async(time.sleep, [0.5] * 8)
+        time.sleep(0.3)
+        q = rc.queue_status()
+        assert q["unassigned"] == 0 and sum(q[e]["queue"] + q[e]["tasks"] for e in rc.ids) >= 7
+        ar.get()
+        with pytest.raises(Exception, match="NoDB"):  # task_db none: the hub keeps no records
+            rc.db_query({"msg_id": {"$ne": ""}}, keys=["msg_id"])
+    finally:
+        rc.close()
+
+
+def test_hwm_1_keeps_tasks_unassigned(start_cluster):
+    info = start_cluster(2)  # dynamic preset: hwm=1
+    rc = ipmtc.connect(info.profile)
+    try:
+        ar = rc.load_balanced_view().map_async(time.sleep, [0.5] * 8)
+        time.sleep(0.3)
+        assert rc.queue_status()["unassigned"] >= 5
+        ar.get()
+    finally:
+        rc.close()
+
+
+def test_profile_permissions(start_cluster):
+    info = start_cluster(2)
+    pdir = Path(info.profile_dir)
+    assert pdir.stat().st_mode & 0o777 == 0o700
+    assert (pdir / "security").stat().st_mode & 0o777 == 0o700
+    for f in (pdir / "security").glob("*.json"):
+        assert f.stat().st_mode & 0o777 == 0o600, f
+    text = (pdir / "ipcontroller_config.py").read_text()
+    assert "HubFactory" not in text and "c.HeartMonitor.period = 500" in text
+
+
+def test_start_while_running_refuses(start_cluster):
+    info = start_cluster(2, profile="busy")
+    with pytest.raises(ClusterRunningError, match="already running"):
+        cluster.start(engines=2, profile="busy", flags={"launcher": "local"})
+    assert cluster.status("busy")["engines"] == 2  # the running one is untouched
+
+
+def test_startup_timeout_leaves_nothing_running(ipython_dir):
+    t0 = time.monotonic()
+    with pytest.raises(StartupError) as e:
+        cluster.start(engines=6, profile="tooslow", flags={"launcher": "local", "start_timeout_s": 0.5})
+    msg = str(e.value)
+    assert re.search(r"only \d/6 engines registered within 0.5 s", msg)
+    assert "nothing was left running" in msg and "hint:" in msg
+    assert time.monotonic() - t0 < 30
+    assert not wait_all_dead(processes_with_env(f"IPYTHONDIR={ipython_dir}"))
+    with pytest.raises(NoClusterError):
+        cluster.status("tooslow")
+
+
+def test_stale_cluster_is_cleaned_on_next_start(start_cluster):
+    info = start_cluster(2, profile="phoenix")
+    os.kill(info.controller_pid, signal.SIGKILL)
+    assert wait_all_dead([info.controller_pid]) == []
+    assert not cluster.status("phoenix")["running"]
+    info2 = start_cluster(2, profile="phoenix")  # the dead one's engines are stopped first
+    assert info2.running
+    assert not wait_all_dead(info.pids, timeout_s=5)
+
+
+def test_connect_finds_the_jobs_cluster(start_cluster, monkeypatch):
+    start_cluster(2, profile="ipmtc-4242")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", socket.gethostname())
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "2")
+    rc = ipmtc.connect()
+    try:
+        assert len(rc.ids) == 2
+    finally:
+        rc.close()
