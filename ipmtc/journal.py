@@ -75,7 +75,6 @@ from .errors import JournalError
 
 SCHEMA_VERSION = 1
 APPLICATION = "ipmtc-journal"
-OUTCOMES = ("ok", "raised", "walltime")
 FLUSH_INTERVAL_S = 0.5
 BATCH = 2_000  # queued records that wake the writer before its interval is up
 MAX_PENDING = 200_000  # back-pressure: add() writes itself when the writer lags this far behind

@@ -1,0 +1,257 @@
+"""static_map / dynamic_map against real engines: results, faults, walltime, stragglers, memory."""
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+import ipmtc
+from ipmtc import _proc
+from ipmtc.errors import EnginesLostError, MapError, NoClusterError
+
+
+def square(x):
+    return x * x
+
+
+def sleepy(x):
+    import time
+
+    time.sleep(x)
+    return x
+
+
+def noop(x):
+    return x
+
+
+def test_static_and_dynamic_give_the_same_ordered_results(rc):
+    items = list(range(1000))
+    dyn = ipmtc.dynamic_map(square, items, client=rc, progress=False)
+    sta = ipmtc.static_map(square, items, client=rc, progress=False)
+    assert list(dyn) == list(sta) == [x * x for x in items]
+    assert dyn.ok and sta.ok and len(dyn.records) == 1000
+    # static: each engine its fair share, one message each
+    per_engine = {}
+    for r in sta.records:
+        per_engine[r.engine_id] = per_engine.get(r.engine_id, 0) + 1
+    assert sorted(per_engine.values()) == [250] * 4
+
+
+def test_unordered_results_and_generators(rc):
+    gen = (0.2 if i == 0 else 0.0 for i in range(40))  # task 0 is the slowest
+    res = ipmtc.dynamic_map(sleepy, gen, client=rc, ordered=False, progress=False, chunksize=1)
+    out = list(res)
+    assert sorted(out) == sorted([0.2] + [0.0] * 39)
+    assert out[0] == 0.0 and out.index(0.2) > 0  # completion order, not input order
+    assert len(res.records) == 40
+
+
+def test_star_and_explicit_views(rc):
+    res = ipmtc.dynamic_map(pow, [(2, 3), (3, 2)], client=rc.load_balanced_view(), star=True, progress=False)
+    assert list(res) == [8, 9]
+    two = rc[rc.ids[:2]]
+    res = ipmtc.static_map(square, range(10), client=two, progress=False)
+    assert list(res) == [x * x for x in range(10)]
+    assert {r.engine_id for r in res.records} == set(rc.ids[:2])
+
+
+def test_records_and_summary(rc):
+    res = ipmtc.dynamic_map(sleepy, [0.05] * 16, client=rc, progress=False)
+    s = res.summary()
+    assert s["tasks"] == 16 and s["ok"] == 16 and s["failed"] == 0 and s["engines"] == 4
+    assert 0.1 < s["makespan_s"] < 5 and 0 < s["efficiency"] <= 1
+    for r in res.records:
+        assert r.outcome == "ok" and r.attempts == 1 and r.engine_id in rc.ids
+        assert r.submitted <= r.started + 0.5 and r.started < r.finished and r.pid > 0 and r.host
+
+
+def flaky_once(path):
+    """Raises on its first attempt (a marker file says it ran before)."""
+    import os
+
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL)
+        os.close(fd)
+    except FileExistsError:
+        return "ok"
+    raise ValueError(f"first attempt of {path}")
+
+
+def test_retries_are_spent_on_exceptions_and_prefer_another_engine(rc, tmp_path):
+    paths = [str(tmp_path / f"m{i}") for i in range(12)]
+    res = ipmtc.dynamic_map(flaky_once, paths, client=rc, retries=1, progress=False)
+    assert list(res) == ["ok"] * 12 and res.summary()["retries"] == 12
+    moved = sum(r.history[0][0] != r.engine_id for r in res.records)
+    assert moved == 12  # the retry ran on another engine than the failed attempt
+    res = ipmtc.dynamic_map(flaky_once, [str(tmp_path / "x")], client=rc, retries=0, progress=False)
+    (f,) = res.failed
+    assert f.ename == "ValueError" and "first attempt" in f.evalue and "Traceback" in f.traceback
+    assert f.engine_id in rc.ids and f.host and f.attempts == 1
+    assert res[0] is f and not res.ok
+
+
+def stuck_sleep(x):
+    import time
+
+    if x == 1:
+        time.sleep(3600)
+    return x
+
+
+def stuck_in_c(x):
+    if x == 1:
+        sum(range(10**11))  # one long C call: signals cannot interrupt it
+    return x
+
+
+@pytest.mark.parametrize("fn", [stuck_sleep, stuck_in_c])
+@pytest.mark.parametrize("schedule", [ipmtc.dynamic_map, ipmtc.static_map])
+def test_walltime_kills_a_running_task(rc, fn, schedule):
+    t0 = time.monotonic()
+    res = schedule(fn, range(6), client=rc, walltime_s=1.0, retries=1, progress=False)
+    assert time.monotonic() - t0 < 10
+    assert [v for i, v in enumerate(res) if i != 1] == [0, 2, 3, 4, 5]
+    (f,) = res.failed
+    assert f.index == 1 and f.ename == "WalltimeExceeded" and f.attempts == 2  # retried once, killed twice
+    assert res.records[1].outcome == "walltime"
+    # the engines are still in service
+    assert len(rc.ids) == 4 and sorted(rc[:].apply_sync(os.getpid)) == sorted(
+        int(e["pid"]) for e in rc[:].apply_sync(lambda: {"pid": __import__("os").getpid()}))
+
+
+def straggler(args):
+    """Task 5 hangs on its first attempt only."""
+    import os
+    import time
+
+    i, marker = args
+    if i == 5:
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            time.sleep(120)
+        except FileExistsError:
+            pass
+    time.sleep(0.1)
+    return i
+
+
+def test_fast_abort_reruns_a_straggler(rc, tmp_path):
+    marker = str(tmp_path / "straggler")
+    t0 = time.monotonic()
+    res = ipmtc.dynamic_map(straggler, [(i, marker) for i in range(24)], client=rc, fast_abort=3,
+                            chunksize=1, progress=False)
+    assert time.monotonic() - t0 < 30
+    assert list(res) == list(range(24)) and res.ok
+    rec = res.records[5]
+    assert rec.resubmits >= 1 and any(h[4] == "straggler" for h in rec.history)
+    assert rec.attempts == 1  # aborting a straggler spends no retry
+
+
+def test_bad_input_is_refused_before_anything_is_sent(rc):
+    before = len(rc.history)
+    lock = threading.Lock()
+    cases = [
+        (dict(fn=3), "must be callable"),
+        (dict(retries=-1), "retries must be an integer >= 0"),
+        (dict(walltime_s=0), "walltime_s must be a number of seconds > 0"),
+        (dict(chunksize=0), "chunksize must be 'auto' or an integer >= 1"),
+        (dict(fast_abort=1), "fast_abort must be a factor > 1"),
+        (dict(fn=lambda x: lock.locked()), "cannot be sent to the engines"),
+    ]
+    for kwargs, msg in cases:
+        fn = kwargs.pop("fn", square)
+        for schedule in (ipmtc.dynamic_map, ipmtc.static_map):
+            with pytest.raises(MapError, match=msg):
+                schedule(fn, range(3), client=rc, progress=False, **kwargs)
+    assert len(rc.history) == before
+
+
+def test_no_cluster_says_how_to_start_one(ipython_dir):
+    with pytest.raises(NoClusterError, match="ipmtc start"):
+        ipmtc.dynamic_map(square, range(3), progress=False)
+
+
+def test_hundred_thousand_tasks_in_bounded_client_memory(rc):
+    proc = psutil.Process()
+    ipmtc.dynamic_map(noop, range(20_000), client=rc, progress=False)  # warm up
+    gc.collect()
+    before = proc.memory_info().rss
+    res = ipmtc.dynamic_map(noop, (i for i in range(100_000)), client=rc, progress=False)
+    assert len(res) == 100_000 and res[99_999] == 99_999
+    del res
+    gc.collect()
+    growth = proc.memory_info().rss - before
+    # results and records of 100k tasks are handed back; the client's own caches are purged
+    assert len(rc.results) < 100 and len(rc.metadata) < 100
+    assert growth < 80 * 2**20, f"client RSS grew by {growth / 2**20:.0f} MiB"
+
+
+def slow_flaky(x):
+    import random
+    import time
+
+    time.sleep(0.05)
+    if random.random() < 0.10:
+        raise RuntimeError(f"random failure of task {x}")
+    return x * 10
+
+
+def test_fault_scenario_of_the_study(start_cluster):
+    """10% of attempts raise; 3 engines (and their nannies) are SIGKILLed about halfway."""
+    info = start_cluster(8)
+    rc = ipmtc.connect(info.profile)
+    victims = [info.engines[str(e)]["pid"] for e in rc.ids[:3]]
+    n = 320
+
+    def kill_halfway():
+        time.sleep(1.0)
+        for v in victims:
+            for p in _proc.process_tree(v):
+                os.kill(p, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_halfway)
+    killer.start()
+    try:
+        res = ipmtc.dynamic_map(slow_flaky, range(n), client=rc, retries=8, progress=False)
+    finally:
+        killer.join()
+        rc.close()
+    assert list(res) == [x * 10 for x in range(n)]  # every result, correct, in order
+    assert len(res._completion) == n  # none duplicated
+    assert res.ok and res.engine_losses == 3
+    raised = sum(1 for r in res.records for h in r.history if h[4] == "raised")
+    assert sum(r.attempts - 1 for r in res.records) == raised  # retries only for exceptions
+    assert raised > 0 and sum(r.resubmits for r in res.records) > 0  # lost tasks were resubmitted free
+    survivors = {r.engine_id for r in res.records}
+    assert len(survivors) >= 5
+
+
+def test_all_engines_lost_fails_fast(start_cluster):
+    info = start_cluster(2)
+    rc = ipmtc.connect(info.profile)
+
+    def kill_all():
+        time.sleep(1.0)
+        for e in info.engines.values():
+            for p in _proc.process_tree(e["pid"]):
+                os.kill(p, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_all)
+    killer.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(EnginesLostError, match="all engines are gone") as e:
+            ipmtc.dynamic_map(sleepy, [0.1] * 200, client=rc, progress=False)
+    finally:
+        killer.join()
+        rc.close()
+    assert time.monotonic() - t0 < 30
+    partial = e.value.result
+    assert 0 < len(partial) < 200 and len(partial.undone) == 200 - len(partial)
+    assert all(v == 0.1 for v in partial)
