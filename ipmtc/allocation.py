@@ -250,3 +250,157 @@ def detect(
     if env.get("LSB_JOBID", "").strip():
         return _lsf(env)
     return _local(cpu_count, hostname)
+
+
+# ---------------------------------------------------------------- job end time
+#
+# Unlike the rest of this module this asks the batch system (squeue / qstat),
+# so it runs commands: each through ipmtc._proc.run with a short timeout, and
+# any failure (command missing, controller unreachable, odd output) means
+# "unknown" (None) rather than an error: a map must not fail because the
+# scheduler could not be asked when the job ends.
+
+_END_TIME_CMD_TIMEOUT_S = 5.0
+_NO_END = {"", "n/a", "unknown", "none", "unlimited", "infinite", "invalid"}
+
+
+def _parse_walltime(value: str) -> float | None:
+    """``[[DD:]HH:]MM:SS`` / ``DD-HH:MM:SS`` / seconds -> seconds; None if unparseable."""
+    value = value.strip()
+    if not value:
+        return None
+    days = 0
+    if "-" in value:
+        d, _, value = value.partition("-")
+        if not d.isdigit():
+            return None
+        days = int(d)
+    parts = value.split(":")
+    if len(parts) > 4 or not all(p.replace(".", "", 1).isdigit() for p in parts):
+        return None
+    nums = [float(p) for p in parts]
+    if len(nums) == 4:  # DD:HH:MM:SS
+        days += int(nums.pop(0))
+    secs = 0.0
+    for n in nums:  # [[HH:]MM:]SS
+        secs = secs * 60 + n
+    return days * 86400 + secs
+
+
+def _slurm_end_time(environ: Mapping[str, str]) -> float | None:
+    raw = environ.get("SLURM_JOB_END_TIME", "").strip()  # set by newer Slurm; not by 22.05
+    if raw:
+        try:
+            return float(raw)
+        except ValueError:
+            pass
+    job = environ.get("SLURM_JOB_ID", "").strip()
+    if not job:
+        return None
+    from datetime import datetime
+
+    from ._proc import CommandError, run
+
+    env = None if environ is os.environ else {**os.environ, **environ}
+    try:
+        cp = run(["squeue", "-h", "-j", job, "-o", "%e"], timeout_s=_END_TIME_CMD_TIMEOUT_S, env=env,
+                 check=False)
+    except CommandError:
+        return None
+    if cp.returncode != 0:
+        return None
+    lines = cp.stdout.strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if text.lower() in _NO_END:
+        return None
+    try:  # local time, no zone: e.g. 2024-05-01T12:34:56
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S").timestamp()
+    except ValueError:
+        return None
+
+
+def _session_start(environ: Mapping[str, str]) -> float | None:
+    """When this PBS job started, as seen from here: PBS starts the job script as a session leader."""
+    import psutil
+
+    try:
+        return psutil.Process(os.getsid(0)).create_time()
+    except (OSError, psutil.Error):
+        return None
+
+
+def _pbs_end_time(environ: Mapping[str, str]) -> float | None:
+    import shutil
+    import time
+    from datetime import datetime
+
+    from ._proc import CommandError, run
+
+    job = environ.get("PBS_JOBID", "").strip()
+    if not job:
+        return None
+    env = None if environ is os.environ else {**os.environ, **environ}
+    qstat = shutil.which("qstat", path=(env or os.environ).get("PATH"))
+    if qstat:
+        try:
+            cp = run([qstat, "-f", job], timeout_s=_END_TIME_CMD_TIMEOUT_S, env=env, check=False)
+        except CommandError:
+            cp = None
+        if cp is not None and cp.returncode == 0:
+            fields: dict[str, str] = {}
+            for line in cp.stdout.splitlines():
+                key, sep, value = line.strip().partition(" = ")
+                if sep:
+                    fields[key.strip()] = value.strip()
+            now = time.time()
+            remaining = fields.get("Walltime.Remaining")  # Torque: seconds left
+            if remaining and remaining.strip().lstrip("-").isdigit():
+                return now + float(remaining)
+            limit = _parse_walltime(fields.get("Resource_List.walltime", ""))
+            if limit is not None:
+                for key in ("start_time", "stime"):  # Torque / PBS Pro
+                    started = fields.get(key, "")
+                    if started.isdigit():
+                        return float(started) + limit
+                    try:
+                        return datetime.strptime(" ".join(started.split()), "%a %b %d %H:%M:%S %Y").timestamp() \
+                            + limit
+                    except ValueError:
+                        pass
+                used = _parse_walltime(fields.get("resources_used.walltime", ""))
+                if used is not None:
+                    return now + limit - used
+    limit = _parse_walltime(environ.get("PBS_WALLTIME", ""))  # Torque: the limit in seconds
+    if limit is not None:
+        started = _session_start(environ)
+        if started is not None:
+            return started + limit
+    return None
+
+
+def job_end_time(environ: Mapping[str, str] | None = None) -> float | None:
+    """Epoch seconds when this batch job ends, or None when unknown / not in a job.
+
+    ``IPMTC_JOB_END_TIME`` (epoch seconds; ``none`` = never) overrides everything.
+    Slurm: ``SLURM_JOB_END_TIME`` where set, else ``squeue -h -j $SLURM_JOB_ID -o %e``.
+    PBS/Torque: ``qstat -f $PBS_JOBID`` (``Walltime.Remaining``, or ``Resource_List.walltime``
+    plus the start time), else ``PBS_WALLTIME`` counted from the start of the job script's session.
+    Never raises for a missing or unreachable batch system (None), never waits more than a few seconds.
+    """
+    environ = os.environ if environ is None else environ
+    value = environ.get("IPMTC_JOB_END_TIME", "").strip()
+    if value:
+        if value.lower() in ("none", "never"):
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            raise AllocationError(f"IPMTC_JOB_END_TIME={value!r} is not a time in epoch seconds "
+                                  "(or 'none')") from None
+    if environ.get("IPMTC_ALLOCATION", "").strip().lower() == "local":
+        return None
+    if environ.get("SLURM_JOB_ID", "").strip():
+        return _slurm_end_time(environ)
+    if environ.get("PBS_JOBID", "").strip():
+        return _pbs_end_time(environ)
+    return None

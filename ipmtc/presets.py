@@ -228,21 +228,25 @@ def resolve(preset: str | None = None, flags: Mapping[str, Any] | None = None,
 # ---------------------------------------------------------------- auto rules
 
 
-def auto_values(n_engines: int) -> dict[str, float | int]:
+def auto_values(n_engines: int, period_ms: int | None = None) -> dict[str, float | int]:
     """The ``auto`` rules, documented in the README.
 
-    Small clusters get a short heartbeat so engines register fast (registration
-    completes on the first heartbeat); thousands of engines get a long one
+    Small clusters get a short heartbeat (10 ms per engine, at least 100 ms) so
+    engines register fast (registration completes on the first heartbeat); thousands
+    of engines get a long one
     (30 s, as in the study) so the controller is not flooded, and timeouts
     that grow with the count (MPI engines of rank >= 100 also wait
     rank x 20 ms before registering).
     """
     n = max(1, n_engines)
-    period_ms = int(min(30_000, max(500, 10 * n)))
+    # rules that depend on the heartbeat use the preset's own period when it sets one
+    period_ms = int(period_ms or min(30_000, max(100, 10 * n)))
     return {
         "heartbeat_period_ms": period_ms,
-        "heartbeat_misses": 10,
-        "engine_heartbeat_misses": 50,
+        # an engine is declared lost after max(10 beats, 3 s): a busy controller on a small
+        # node must not mistake a slow beat for a lost engine
+        "heartbeat_misses": max(10, math.ceil(3000 / period_ms)),
+        "engine_heartbeat_misses": max(50, math.ceil(30_000 / period_ms)),
         "registration_timeout_s": round(max(30.0, 5 * period_ms / 1000, 0.05 * n), 1),
         "engine_timeout_s": round(max(10.0, 0.05 * n), 1),
         "start_timeout_s": round(60 + 0.12 * n, 1),
@@ -255,7 +259,8 @@ def concretize(resolved: Resolved, n_engines: int) -> Resolved:
     Address and per-node values stay ``auto``: they depend on the allocation
     and are decided by the cluster module.
     """
-    rules = auto_values(n_engines)
+    period = resolved.preset.heartbeat_period_ms
+    rules = auto_values(n_engines, None if period == AUTO else int(period))
     changes, sources = {}, dict(resolved.sources)
     for key, value in rules.items():
         if getattr(resolved.preset, key) == AUTO:

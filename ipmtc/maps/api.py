@@ -76,6 +76,10 @@ def _map(schedule: str, fn, items, *, client, retries, walltime_s, chunksize, fa
         iterator = _source(items)
     except TypeError:
         raise MapError(f"items must be iterable, got {type(items).__name__}") from None
+    if drain_at == "auto":  # inside a batch job: its end time, so nothing is lost to the kill
+        from ..allocation import job_end_time
+
+        drain_at = job_end_time()
     rc, lview, engines = _client_and_views(client)
     if not rc.ids:
         raise MapError("the cluster has no engines; start some with `ipmtc start` and try again")
@@ -101,7 +105,7 @@ def _map(schedule: str, fn, items, *, client, retries, walltime_s, chunksize, fa
 
 def dynamic_map(fn: Callable, items: Iterable[Any], *, client=None, retries: int = 0,
                 walltime_s: float | None = None, chunksize: int | str = "auto", fast_abort: float | None = None,
-                ordered: bool = True, star: bool = False, progress: bool = True, drain_at: float | None = None,
+                ordered: bool = True, star: bool = False, progress: bool = True, drain_at: float | str | None = "auto",
                 drain_margin_s: float = 30.0, journal=None, key: Callable[[Any], str] | None = None,
                 retry_failed: bool = False) -> MapResult:
     """Map ``fn`` over ``items``, handing out work as engines free up (best for variable task times).
@@ -110,7 +114,8 @@ def dynamic_map(fn: Callable, items: Iterable[Any], *, client=None, retries: int
     walltime_s: a task running longer is killed (C calls too) and counts as a failed attempt.
     chunksize: ``"auto"`` groups short tasks, keeps long ones single; or a fixed integer.
     fast_abort: a task running longer than ``fast_abort`` x the median is aborted and rerun elsewhere.
-    drain_at: epoch seconds (e.g. the job's end): no task is handed out that would not finish before.
+    drain_at: epoch seconds; ``"auto"`` (default) = the batch job's end time, None = never. No task is
+        handed out that would not finish ``drain_margin_s`` before it; the rest is reported in ``res.undone``.
     journal: path of an SQLite journal: finished tasks are skipped when the map is run again.
     """
     return _map("dynamic", fn, items, client=client, retries=retries, walltime_s=walltime_s,
@@ -121,7 +126,7 @@ def dynamic_map(fn: Callable, items: Iterable[Any], *, client=None, retries: int
 
 def static_map(fn: Callable, items: Iterable[Any], *, client=None, retries: int = 0,
                walltime_s: float | None = None, chunksize: int | str = "auto", fast_abort: float | None = None,
-               ordered: bool = True, star: bool = False, progress: bool = True, drain_at: float | None = None,
+               ordered: bool = True, star: bool = False, progress: bool = True, drain_at: float | str | None = "auto",
                drain_margin_s: float = 30.0, journal=None, key: Callable[[Any], str] | None = None,
                retry_failed: bool = False) -> MapResult:
     """Map ``fn`` over ``items`` giving every engine the same share up front (best for uniform task times).

@@ -139,7 +139,7 @@ def test_profile_permissions(start_cluster):
     for f in (pdir / "security").glob("*.json"):
         assert f.stat().st_mode & 0o777 == 0o600, f
     text = (pdir / "ipcontroller_config.py").read_text()
-    assert "HubFactory" not in text and "c.HeartMonitor.period = 500" in text
+    assert "HubFactory" not in text and "c.HeartMonitor.period = 100" in text
 
 
 def test_start_while_running_refuses(start_cluster):

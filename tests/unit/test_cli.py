@@ -256,7 +256,7 @@ def test_presets_show_with_engines(ipython_dir) -> None:
     cp = ipmtc(["presets", "show", "dynamic", "--engines", "8"], ipython_dir)
     assert cp.returncode == 0, cp.stderr
     lines = cp.stdout.splitlines()
-    assert "heartbeat_period_ms: 500  # auto (8 engines)" in lines
+    assert "heartbeat_period_ms: 100  # auto (8 engines)" in lines
     assert "start_timeout_s: 61.0  # auto (8 engines)" in lines
     assert "hwm: 1  # built-in 'dynamic'" in lines
     assert "log_level: INFO  # default" in lines
@@ -289,7 +289,7 @@ def test_profile_create_writes_files(ipython_dir) -> None:
     text = (pdir / "ipcluster_config.py").read_text()
     assert "c.Cluster.n = 3" in text
     assert "c.Cluster.engine_launcher_class = 'local'" in text
-    assert "c.HeartMonitor.period = 500" in (pdir / "ipcontroller_config.py").read_text()
+    assert "c.HeartMonitor.period = 100" in (pdir / "ipcontroller_config.py").read_text()
     assert not (pdir / "security" / STATE_FILE).exists()
 
 

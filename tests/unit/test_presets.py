@@ -193,20 +193,22 @@ def test_resolve_reads_os_environ_by_default(monkeypatch) -> None:
 # --------------------------------------------------------------------------- auto rules
 
 AUTO_TABLE = [
-    # n, heartbeat ms, registration s, engine timeout s, start timeout s
-    (2, 500, 30.0, 10.0, 60.2),
-    (8, 500, 30.0, 10.0, 61.0),
-    (32, 500, 30.0, 10.0, 63.8),
-    (1000, 10_000, 50.0, 50.0, 180.0),
-    (12288, 30_000, 614.4, 614.4, 1534.6),
+    # n, heartbeat ms, misses, engine misses, registration s, engine timeout s, start timeout s
+    (2, 100, 30, 300, 30.0, 10.0, 60.2),
+    (8, 100, 30, 300, 30.0, 10.0, 61.0),
+    (32, 320, 10, 94, 30.0, 10.0, 63.8),
+    (1000, 10_000, 10, 50, 50.0, 50.0, 180.0),
+    (12288, 30_000, 10, 50, 614.4, 614.4, 1534.6),
 ]
 
 
-@pytest.mark.parametrize(("n", "hb", "reg", "eng", "start"), AUTO_TABLE)
-def test_auto_values(n, hb, reg, eng, start) -> None:
-    assert auto_values(n) == {"heartbeat_period_ms": hb, "heartbeat_misses": 10,
-                              "engine_heartbeat_misses": 50, "registration_timeout_s": reg,
+@pytest.mark.parametrize(("n", "hb", "miss", "emiss", "reg", "eng", "start"), AUTO_TABLE)
+def test_auto_values(n, hb, miss, emiss, reg, eng, start) -> None:
+    assert auto_values(n) == {"heartbeat_period_ms": hb, "heartbeat_misses": miss,
+                              "engine_heartbeat_misses": emiss, "registration_timeout_s": reg,
                               "engine_timeout_s": eng, "start_timeout_s": start}
+    # loss is declared after at least 3 s, whatever the period
+    assert hb * miss >= 3000
 
 
 def test_auto_values_grow_and_cap() -> None:
@@ -223,14 +225,14 @@ def test_auto_values_grow_and_cap() -> None:
         assert r["registration_timeout_s"] * 1000 >= 5 * r["heartbeat_period_ms"]
 
 
-@pytest.mark.parametrize(("n", "hb", "reg", "eng", "start"), AUTO_TABLE)
-def test_concretize_dynamic(n, hb, reg, eng, start) -> None:
+@pytest.mark.parametrize(("n", "hb", "miss", "emiss", "reg", "eng", "start"), AUTO_TABLE)
+def test_concretize_dynamic(n, hb, miss, emiss, reg, eng, start) -> None:
     r = resolve("dynamic", {}, {})
     c = concretize(r, n)
     p = c.preset
     assert (p.heartbeat_period_ms, p.registration_timeout_s, p.engine_timeout_s, p.start_timeout_s) == (
         hb, reg, eng, start)
-    assert (p.heartbeat_misses, p.engine_heartbeat_misses) == (10, 50)
+    assert (p.heartbeat_misses, p.engine_heartbeat_misses) == (miss, emiss)
     assert c.sources["heartbeat_period_ms"] == f"auto ({n} engines)"
     assert c.sources["start_timeout_s"] == f"auto ({n} engines)"
     # addresses and per-node counts depend on the allocation: they stay auto

@@ -84,12 +84,12 @@ def test_dynamic_local_values() -> None:
     ctl = _exec_config(files["ipcontroller_config.py"])
     assert ctl.IPController.ip == "127.0.0.1" and ctl.IPController.location == "127.0.0.1"
     assert (ctl.TaskScheduler.scheme_name, ctl.TaskScheduler.hwm) == ("leastload", 1)
-    assert (ctl.HeartMonitor.period, ctl.HeartMonitor.max_heartmonitor_misses) == (500, 10)
+    assert (ctl.HeartMonitor.period, ctl.HeartMonitor.max_heartmonitor_misses) == (100, 30)
     assert ctl.IPController.registration_timeout == 30
     assert ctl.IPController.db_class == "DictDB"
     assert "ports" not in ctl.IPController
     eng = _exec_config(files["ipengine_config.py"])
-    assert (eng.IPEngine.timeout, eng.IPEngine.max_heartbeat_misses) == (10.0, 50)
+    assert (eng.IPEngine.timeout, eng.IPEngine.max_heartbeat_misses) == (10.0, 300)
     clu = _exec_config(files["ipcluster_config.py"])
     assert (clu.Cluster.engine_launcher_class, clu.Cluster.n, clu.Cluster.engine_timeout) == ("local", 8, 61)
     assert "MPIEngineSetLauncher" not in clu

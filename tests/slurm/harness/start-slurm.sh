@@ -147,7 +147,7 @@ wait_for() {
 # TCP ports in use on this host (any state, IPv4 and IPv6), one per line
 used_ports() {
   local h
-  awk 'NR > 1 { split($2, a, ":"); print a[2] }' /proc/net/tcp /proc/net/tcp6 2>/dev/null |
+  awk 'FNR > 1 { split($2, a, ":"); print a[2] }' /proc/net/tcp /proc/net/tcp6 2>/dev/null |
     while read -r h; do echo $((16#$h)); done
 }
 

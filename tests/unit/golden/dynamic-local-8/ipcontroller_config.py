@@ -9,8 +9,8 @@ c.IPController.location = '127.0.0.1'
 c.TaskScheduler.scheme_name = 'leastload'
 c.TaskScheduler.hwm = 1
 # heartbeat: registration completes on the first beat, loss is declared after the misses
-c.HeartMonitor.period = 500
-c.HeartMonitor.max_heartmonitor_misses = 10
+c.HeartMonitor.period = 100
+c.HeartMonitor.max_heartmonitor_misses = 30
 c.IPController.registration_timeout = 30
 c.IPController.db_class = 'DictDB'
 c.IPController.log_level = 'INFO'

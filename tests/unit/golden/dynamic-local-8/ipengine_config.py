@@ -5,5 +5,5 @@ c = get_config()  # noqa: F821
 # how long an engine waits for the controller's registration reply
 c.IPEngine.timeout = 10.0
 # an engine shuts itself down after this many missed controller heartbeats (0 = never)
-c.IPEngine.max_heartbeat_misses = 50
+c.IPEngine.max_heartbeat_misses = 300
 c.IPEngine.log_level = 'INFO'
