@@ -45,10 +45,14 @@ def main(argv=None) -> int:
         rc.wait_for_engines(args.engines, timeout=60)
         items = list(range(args.tasks))
 
-        def once(journal):
-            t0 = time.perf_counter()
+        cpu: dict[str, list[float]] = {"plain": [], "journal": []}
+
+        def once(journal, which=None):
+            t0, c0 = time.perf_counter(), time.process_time()
             res = dynamic_map(noop, items, client=rc, progress=False, journal=journal)
             dt = time.perf_counter() - t0
+            if which:
+                cpu[which].append(time.process_time() - c0)  # the driver's CPU, all its threads
             assert len(res) == args.tasks and not res.failed, res
             return dt, res
 
@@ -61,9 +65,9 @@ def main(argv=None) -> int:
             order = ("plain", "journal") if r % 2 == 0 else ("journal", "plain")
             for which in order:
                 if which == "plain":
-                    plain.append(once(None)[0])
+                    plain.append(once(None, which)[0])
                 else:
-                    journaled.append(once(str(tmp / f"run{r}.db"))[0])
+                    journaled.append(once(str(tmp / f"run{r}.db"), which)[0])
         rerun_dt, rerun = once(str(tmp / "run0.db"))
         assert rerun.journal_hits == args.tasks
         rc.close()
@@ -78,14 +82,18 @@ def main(argv=None) -> int:
     print(f"### Journal overhead: {args.tasks:,} no-op tasks, dynamic_map, {args.engines} local engines\n")
     print(f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"{args.repeats} repeats each in ABBA order, after a warm-up; medians of the per-run times\n")
-    print("| run | tasks/s (median) | tasks/s (best) | seconds (median) |")
-    print("|---|---:|---:|---:|")
-    print(f"| no journal | {p_med:,.0f} | {p_best:,.0f} | {statistics.median(plain):.3f} |")
-    print(f"| journal (new SQLite file) | {j_med:,.0f} | {j_best:,.0f} | {statistics.median(journaled):.3f} |")
-    print(f"| rerun: all {args.tasks:,} from the journal | {args.tasks / rerun_dt:,.0f} | - | {rerun_dt:.3f} |")
+    p_cpu, j_cpu = statistics.median(cpu["plain"]), statistics.median(cpu["journal"])
+    print("| run | tasks/s (median) | tasks/s (best) | seconds (median) | driver CPU s (median) |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| no journal | {p_med:,.0f} | {p_best:,.0f} | {statistics.median(plain):.3f} | {p_cpu:.3f} |")
+    print(f"| journal (new SQLite file) | {j_med:,.0f} | {j_best:,.0f} | {statistics.median(journaled):.3f} | "
+          f"{j_cpu:.3f} |")
+    print(f"| rerun: all {args.tasks:,} from the journal | {args.tasks / rerun_dt:,.0f} | - | {rerun_dt:.3f} | - |")
     ratio_med, ratio_best = j_med / p_med, j_best / p_best
     print(f"\n**ratio journal / no journal: {ratio_med:.3f} (median), {ratio_best:.3f} (best)** "
           f"-> journal costs {100 * (1 - ratio_med):.1f}% throughput (target <= 10%)")
+    print(f"\njournal CPU in the driver: {1e6 * (j_cpu - p_cpu) / args.tasks:.1f} us per task "
+          f"(the driver's own cost without it: {1e6 * p_cpu / args.tasks:.1f} us per task)")
     print(f"\nper-run seconds: no journal {[round(t, 3) for t in plain]}, "
           f"journal {[round(t, 3) for t in journaled]}")
     return 0

@@ -221,16 +221,22 @@ class Dispatcher:
         args = (self.fn, tasks, self.opts.star, self.opts.walltime_s, self.isolate,
                 self.opts.fast_abort is not None)
         now = time.time()
-        if target is not None:
-            ar = self.client[target].apply_async(runner.run_chunk, *args)
-        else:
-            avoid = set().union(*(self.avoid.get(i, set()) for i in indices))
-            others = [e for e in self.engines if e not in avoid]
-            if avoid and others:
-                with self.lview.temp_flags(targets=others):
-                    ar = self.lview.apply_async(runner.run_chunk, *args)
+        try:
+            if target is not None:
+                ar = self.client[target].apply_async(runner.run_chunk, *args)
             else:
-                ar = self.lview.apply_async(runner.run_chunk, *args)
+                avoid = set().union(*(self.avoid.get(i, set()) for i in indices))
+                others = [e for e in self.client.ids if e not in avoid]
+                if avoid and others:
+                    with self.lview.temp_flags(targets=others):
+                        ar = self.lview.apply_async(runner.run_chunk, *args)
+                else:
+                    ar = self.lview.apply_async(runner.run_chunk, *args)
+        except IndexError:  # the engine was unregistered since we last looked: back in line
+            self._last_supervise = 0.0
+            self._supervise()
+            self.redo.extendleft(reversed(indices))
+            return
         chunk = _Chunk(indices, target, now, ar, speculative)
         for i in indices:
             self.records[i].submitted = now

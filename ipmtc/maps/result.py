@@ -129,6 +129,17 @@ class MapResult:
         return (f"<MapResult {s['schedule']}: {s['ok']}/{s['tasks']} ok, {s['failed']} failed, "
                 f"{s['retries']} retries, {s['engine_losses']} engine losses, makespan {s['makespan_s']} s>")
 
+    def plot_timeline(self, path: str | Path | None = None, **kwargs):
+        """Timeline (Gantt chart) of the map, one row per engine; a matplotlib Figure (PNG at ``path``)."""
+        from ..report import plot_timeline
+
+        return plot_timeline(self, path, **kwargs)
+
+    def _repr_html_(self) -> str:  # notebooks: summary table and timeline
+        from ..report import html_fragment
+
+        return html_fragment(self)
+
     def save(self, path: str | Path) -> Path:
         """Write the records and summary as JSON (``ipmtc report`` reads it)."""
         path = Path(path)

@@ -202,7 +202,8 @@ def slow_flaky(x):
     return x * 10
 
 
-def test_fault_scenario_of_the_study(start_cluster):
+@pytest.mark.parametrize("schedule", [ipmtc.dynamic_map, ipmtc.static_map])
+def test_fault_scenario_of_the_study(start_cluster, schedule):
     """10% of attempts raise; 3 engines (and their nannies) are SIGKILLed about halfway."""
     info = start_cluster(8)
     rc = ipmtc.connect(info.profile)
@@ -218,7 +219,9 @@ def test_fault_scenario_of_the_study(start_cluster):
     killer = threading.Thread(target=kill_halfway)
     killer.start()
     try:
-        res = ipmtc.dynamic_map(slow_flaky, range(n), client=rc, retries=8, progress=False)
+        # static: small chunks so that the kill lands halfway through every engine's share
+        kw = {"chunksize": 5} if schedule is ipmtc.static_map else {}
+        res = schedule(slow_flaky, range(n), client=rc, retries=8, progress=False, **kw)
     finally:
         killer.join()
         rc.close()
