@@ -39,6 +39,18 @@ def sleep_task(t):
     return t
 
 
+def flaky_sleep(args):
+    """The fault scenario's task: sleep, and fail with probability ``p`` (each attempt)."""
+    import random
+    import time
+
+    t, p = args
+    time.sleep(t)
+    if random.random() < p:
+        raise RuntimeError("random failure (10% of attempts)")
+    return t
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
@@ -51,6 +63,8 @@ def private_ipython_dir(name: str) -> Path:
     """A fresh IPYTHONDIR for this process and everything it starts."""
     d = Path(tempfile.mkdtemp(prefix=f"ipmtc-bench-{name}-"))
     os.environ["IPYTHONDIR"] = str(d)
+    # engines, process pools and MPI workers import the task functions from this folder
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)
     for var in list(os.environ):  # a benchmark is never part of a batch job's cluster
         if var.startswith(("SLURM_", "PBS_", "LSB_", "IPMTC_")):
             del os.environ[var]
@@ -73,7 +87,15 @@ def processes_with_env(marker: str) -> list[int]:
 
 def kill_leftovers(ipython_dir: Path, grace_s: float = 3.0) -> list[int]:
     """SIGTERM, then SIGKILL, every process started under ``ipython_dir`` (found by PID). Returns them."""
-    pids = processes_with_env(f"IPYTHONDIR={ipython_dir}")
+    marker = f"IPYTHONDIR={ipython_dir}"
+    deadline = time.monotonic() + grace_s  # first give stopping processes time to exit on their own
+    while processes_with_env(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    pids = [p for p in processes_with_env(marker) if _alive(p)]
+    for p in pids:
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            print(f"leftover process {p}: {cmd[:160]}", file=sys.stderr)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for p in pids:
             with contextlib.suppress(OSError):
@@ -191,13 +213,13 @@ def machine_line(m: dict[str, Any]) -> str:
             f"ipyparallel {m['ipyparallel']}, ipmtc {m['ipmtc']}, {m['date']}")
 
 
-def fmt(v: Any, nd: int = 3) -> str:
+def fmt(v: Any) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
         if abs(v) >= 1000:
             return f"{v:,.0f}"
-        return f"{v:.{nd}g}" if abs(v) < 1 else f"{v:.{nd}f}".rstrip("0").rstrip(".")
+        return f"{v:.3g}" if abs(v) < 1 else f"{v:.2f}"
     return str(v)
 
 

@@ -13,6 +13,7 @@ Target: the journal costs <= 10% throughput (ratio >= 0.90).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -26,11 +27,20 @@ def noop(x):
     return x
 
 
+def sleeper(x, _s=0.001):
+    import time
+
+    time.sleep(_s)
+    return x
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, default=20_000)
     ap.add_argument("--engines", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=8)
+    ap.add_argument("--task-ms", type=float, default=0.0,
+                    help="tasks sleep this long instead of doing nothing (shows the overhead for real tasks)")
     args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="ipmtc-bench-journal-"))
@@ -44,12 +54,15 @@ def main(argv=None) -> int:
         rc = ipmtc.connect(profile)
         rc.wait_for_engines(args.engines, timeout=60)
         items = list(range(args.tasks))
+        fn = noop
+        if args.task_ms:
+            fn = functools.partial(sleeper, _s=args.task_ms / 1000)
 
         cpu: dict[str, list[float]] = {"plain": [], "journal": []}
 
         def once(journal, which=None):
             t0, c0 = time.perf_counter(), time.process_time()
-            res = dynamic_map(noop, items, client=rc, progress=False, journal=journal)
+            res = dynamic_map(fn, items, client=rc, progress=False, journal=journal)
             dt = time.perf_counter() - t0
             if which:
                 cpu[which].append(time.process_time() - c0)  # the driver's CPU, all its threads
@@ -79,7 +92,8 @@ def main(argv=None) -> int:
 
     p_med, p_best = rate(plain)
     j_med, j_best = rate(journaled)
-    print(f"### Journal overhead: {args.tasks:,} no-op tasks, dynamic_map, {args.engines} local engines\n")
+    what = f"{args.task_ms:g} ms tasks" if args.task_ms else "no-op tasks"
+    print(f"### Journal overhead: {args.tasks:,} {what}, dynamic_map, {args.engines} local engines\n")
     print(f"{platform.node()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
           f"{args.repeats} repeats each in ABBA order, after a warm-up; medians of the per-run times\n")
     p_cpu, j_cpu = statistics.median(cpu["plain"]), statistics.median(cpu["journal"])

@@ -179,9 +179,7 @@ def attempts(run: Run) -> list[Attempt]:
             kind = {"raised": "raised" if last else "retried", "walltime": "walltime", "ok": "ok",
                     "straggler": "aborted", "lost": "lost"}.get(how)
             if kind == "lost" and (t0 is None or t1 is None):
-                nxt = next((s[2] for s in seq[pos + 1:] if s[2] is not None), None)
-                if eid is not None:
-                    lost.append((eid, r["index"], nxt))
+                lost.append((eid, r["index"], next((s[2] for s in seq[pos + 1:] if s[2] is not None), None)))
             elif kind is not None and t0 is not None and t1 is not None:
                 out.append(Attempt(r["index"], eid, host, t0, t1, kind))
     if lost:
@@ -189,8 +187,15 @@ def attempts(run: Run) -> list[Attempt]:
         loss_at: dict[int, float] = {}
         for eid, _, nxt in lost:
             t = nxt if nxt is not None else end_all
-            if t is not None:
+            if t is not None and eid is not None:
                 loss_at[eid] = min(loss_at.get(eid, t), t)
+        unknown = [nxt if nxt is not None else end_all for eid, _, nxt in lost if eid is None]
+        unknown = [t for t in unknown if t is not None]
+        if unknown:  # the engine of a lost attempt was not recorded: engines never seen again after the losses
+            t = min(unknown)
+            gone = {a.engine for a in out} - {a.engine for a in out if a.start >= t} - set(loss_at)
+            if 0 < len(gone) <= (run.engine_losses or 0) - len(loss_at):
+                loss_at.update({e: t for e in gone})
         host_of = {a.engine: a.host for a in out}
         for eid, t in loss_at.items():
             before = [a.end for a in out if a.engine == eid and a.end <= t]

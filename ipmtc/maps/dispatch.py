@@ -194,11 +194,9 @@ class Dispatcher:
         return self.draining
 
     def _fill(self) -> None:
-        n_eng = len(self.engines)
-        if n_eng == 0:
-            return
-        window = n_eng * (STATIC_WINDOW_PER_ENGINE if self.static else DYNAMIC_WINDOW_PER_ENGINE)
-        while len(self.inflight) < window:
+        per = STATIC_WINDOW_PER_ENGINE if self.static else DYNAMIC_WINDOW_PER_ENGINE
+        while len(self.inflight) < per * len(self.engines):
+            n_eng = len(self.engines)  # may shrink inside this loop when a submit finds an engine gone
             if self._should_drain():
                 return
             target = None

@@ -155,3 +155,13 @@ def test_cli_bad_run_file(tmp_path, content):
     r = CliRunner().invoke(report.report_command(), [str(path)])
     assert r.exit_code == 1 and "ipmtc: error:" in r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_lost_attempt_without_engine_is_attributed_to_the_engine_never_seen_again():
+    run = report.load(FIXTURE)
+    rec = next(r for r in run.records if r["index"] == 3)
+    rec["history"] = [(None, None, None, None, "lost")]  # the dispatcher did not know the engine
+    lost = [a for a in report.attempts(run) if a.kind == "lost"]
+    assert [(a.engine, a.start, a.end) for a in lost] == [(2, 1001.0, 1005.0)]
+    run.engine_losses = 0  # no loss recorded: nothing is inferred
+    assert not [a for a in report.attempts(run) if a.kind == "lost"]

@@ -1,0 +1,345 @@
+"""Model: efficiency vs engine count up to the study's 12,288 cores, from per-task costs measured here.
+
+Step 1 (measure, this machine): on a raw ipyparallel cluster (defaults) and an
+ipmtc cluster, at two engine counts, the CPU time each task costs the controller
+(its whole process tree) and the client, for load-balanced tasks (chunksize 1)
+and for static maps (one message per engine); the round trip of one task; the
+controller's CPU per heartbeat; and the mpi4py.futures master's time per task.
+
+Step 2 (predict): a discrete-event simulation of the study's weak-scaling run
+(10 tasks per core, task times U(0.9 T, 1.1 T), T = 30, 100, 300 s) on
+12 ... 12,288 engines, for raw ipyparallel (lview.map hwm=1, dview.map),
+ipmtc (dynamic_map, static_map) and mpi4py.futures. Assumptions:
+
+* The controller (hub + schedulers) and the client are each one FIFO server
+  with the measured CPU cost per task/message, on a core of their own (on this
+  2-core machine they share cores with the engines; on a cluster they do not).
+  A load-balanced task costs the controller 1/3 of its measured cost when
+  submitted, 1/3 when dispatched and 1/3 when its reply is routed.
+* Controller cost per task grows linearly with the engine count (fitted on the
+  two measured counts, slope >= 0) and is inflated by the heartbeat load
+  (engines / period x cost per beat; raw period 3 s, ipmtc's auto period).
+* hwm=1: an engine gets its next task only after the controller has routed its
+  last reply. raw lview.map submits every task at once; ipmtc keeps 2 chunks per
+  engine in flight (chunks are single tasks at these task lengths).
+* Static maps send one message per engine; the makespan is the slowest engine's
+  10 tasks plus the messages. Network latency = half the measured round trip
+  minus the CPU already counted (>= 50 us). No failures, no stragglers, no
+  start-up (the study's Fig. 3 and 4 exclude initialization).
+* mpi4py.futures: the master rank is the only server (its per-task time measured
+  with 8 workers); efficiency is over the worker ranks.
+
+    python benchmarks/model.py [--smoke] [--out DIR] [--no-measure]
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+from _common import noop  # noqa: E402
+
+TASK_LENGTHS = (30.0, 100.0, 300.0)
+CORES = [12 * 2 ** k for k in range(11)]  # 12 ... 12,288, as in the study
+# used with --no-measure: measured on this kind of machine (2 cores), see RESULTS.md
+DEFAULTS = {"raw_lb_ctl": [[8, 3.0e-3], [32, 3.4e-3]], "raw_lb_cli": 1.2e-3, "raw_st_ctl_msg": 1.0e-3,
+            "raw_st_cli_msg": 2.0e-3, "raw_st_cli_item": 3.0e-6, "ipmtc_lb_ctl": [[8, 3.0e-3], [32, 3.4e-3]],
+            "ipmtc_lb_cli": 1.5e-3, "ipmtc_st_ctl_msg": 1.0e-3, "ipmtc_st_cli_msg": 2.5e-3,
+            "ipmtc_st_cli_item": 6.0e-6, "rtt_s": 4.0e-3, "hb_cpu_s": 60e-6, "mpi_task_s": 2.5e-4}
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def _tree_cpu(pid: int) -> float:
+    import psutil
+
+    total = 0.0
+    try:
+        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def _cost(ctl_pid: int, fn, n: int) -> tuple[float, float]:
+    """(controller CPU, client CPU) per unit of ``fn()`` doing n units."""
+    import psutil
+
+    me = psutil.Process()
+    c0, m0 = _tree_cpu(ctl_pid), sum(me.cpu_times()[:2])
+    fn()
+    return (_tree_cpu(ctl_pid) - c0) / n, (sum(me.cpu_times()[:2]) - m0) / n
+
+
+def _static_costs(ctl_pid, run, E, K) -> tuple[float, float, float]:
+    """Per message (controller, client) and per item (client) of a static map, from E and K tasks."""
+    ctl1, cli1 = _cost(ctl_pid, lambda: run(E), 1)  # one task per engine: E messages
+    ctl2, cli2 = _cost(ctl_pid, lambda: run(K), 1)
+    item = max(0.0, (cli2 - cli1) / (K - E))
+    return ctl1 / E, cli1 / E, item
+
+
+def measure(sizes: list[int], K: int, quiet: bool = False) -> dict:
+    import ipyparallel as ipp
+
+    from ipmtc.maps import dynamic_map, static_map
+
+    p: dict = {"raw_lb_ctl": [], "ipmtc_lb_ctl": []}
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    with C.raw_cluster(sizes[0]) as (cluster, rc):
+        ctl = cluster.controller.pid
+        for E in sizes:
+            C.grow(cluster, rc, E)
+            lview = rc.load_balanced_view()
+            lview.map(noop, range(2 * E), chunksize=1).get()
+            ctl_t, cli_t = _cost(ctl, lambda: lview.map(noop, range(K), chunksize=1).get(), K)
+            p["raw_lb_ctl"].append([E, ctl_t])
+            p["raw_lb_cli"] = cli_t
+            rc.purge_everything()
+            say(f"raw E={E}: controller {ctl_t * 1e3:.2f} ms/task, client {cli_t * 1e3:.2f} ms/task")
+        rtts = []
+        for _ in range(30):
+            t0 = time.perf_counter()
+            lview.apply_sync(noop, 0)
+            rtts.append(time.perf_counter() - t0)
+        p["rtt_s"] = C.median(rtts)
+        dview = rc[:]
+        p["raw_st_ctl_msg"], p["raw_st_cli_msg"], p["raw_st_cli_item"] = _static_costs(
+            ctl, lambda n: dview.map(noop, range(n), block=True), len(rc.ids), 20 * K)
+    with C.ipmtc_cluster(sizes[0]) as (info, rc):
+        cluster = ipp.Cluster.from_file(profile_dir=info.profile_dir, cluster_id="")
+        ctl = info.controller_pid
+        for E in sizes:
+            C.grow(cluster, rc, E)
+            dynamic_map(noop, range(2 * E), client=rc, chunksize=1, progress=False)
+            ctl_t, cli_t = _cost(ctl, lambda: dynamic_map(noop, range(K), client=rc, chunksize=1, progress=False), K)
+            p["ipmtc_lb_ctl"].append([E, ctl_t])
+            p["ipmtc_lb_cli"] = cli_t
+            say(f"ipmtc E={E}: controller {ctl_t * 1e3:.2f} ms/task, client {cli_t * 1e3:.2f} ms/task")
+        p["ipmtc_st_ctl_msg"], p["ipmtc_st_cli_msg"], p["ipmtc_st_cli_item"] = _static_costs(
+            ctl, lambda n: static_map(noop, range(n), client=rc, progress=False), len(rc.ids), 20 * K)
+        E = len(rc.ids)
+        period = max(100, 10 * E) / 1000  # ipmtc's auto heartbeat for this cluster
+        c0 = _tree_cpu(ctl)
+        time.sleep(3.0)
+        p["hb_cpu_s"] = (_tree_cpu(ctl) - c0) / (E * 3.0 / period)
+    mw = 2 if K < 1000 else 8
+    p["mpi_task_s"] = 1 / C.mpi_run(mw, ["--noop", str(10 * K)])["rate"]
+    return p
+
+
+# ---------------------------------------------------------------- simulating
+
+
+def _lin(points, P: int) -> float:
+    """Linear fit a + b P through the measured (engines, cost) points, slope >= 0, never below the lowest."""
+    ys = [y for _, y in points]
+    if len(points) == 1:
+        return ys[0]
+    (x0, y0), (x1, y1) = points[0], points[-1]
+    b = max(0.0, (y1 - y0) / (x1 - x0))
+    return max(min(ys), y0 + b * (P - x0)) if b else sum(ys) / len(ys)
+
+
+def sim_dynamic(times: list[float], P: int, c_ctl: float, c_sub: float, c_res: float, lat: float,
+                window: int | None) -> float:
+    """Makespan of a load-balanced map (hwm=1). window=None: every task submitted at once (lview.map)."""
+    N = len(times)
+    third = c_ctl / 3
+    ev: list = []
+    seq = 0
+    s_free = c_free = 0.0
+    submitted = 0
+
+    def push(t, kind, data=None):
+        nonlocal seq
+        seq += 1
+        heapq.heappush(ev, (t, seq, kind, data))
+
+    def submit(n):
+        nonlocal c_free, submitted
+        for _ in range(n):
+            if submitted >= N:
+                return
+            c_free += c_sub
+            push(c_free + lat, "sub", submitted)
+            submitted += 1
+
+    submit(N if window is None else window * P)
+    idle = list(range(P))
+    pending: deque[int] = deque()
+    done = 0
+    while ev:
+        t, _, kind, data = heapq.heappop(ev)
+        if kind == "res":  # the client handles a reply (and refills its window)
+            c_free = max(t, c_free) + c_res
+            done += 1
+            if window is not None:
+                submit(1)
+            if done == N:
+                return c_free
+            continue
+        s_free = max(t, s_free) + third  # the controller: FIFO, one message at a time
+        if kind == "sub":
+            pending.append(data)
+        else:  # an engine's reply: route it to the client, the engine is free again
+            idle.append(data)
+            push(s_free + lat, "res")
+        while idle and pending:
+            e, task = idle.pop(), pending.popleft()
+            s_free += third
+            push(s_free + lat + times[task], "done", e)
+    return c_free
+
+
+def sim_static(times: list[float], P: int, ctl_msg: float, cli_msg: float, cli_item: float, lat: float) -> float:
+    per = math.ceil(len(times) / P)
+    c_free = s_free = 0.0
+    ends = []
+    for e in range(P):
+        share = times[e * per:(e + 1) * per]
+        c_free += cli_msg + cli_item * len(share)
+        s_free = max(s_free, c_free + lat) + ctl_msg
+        ends.append(s_free + lat + sum(share) + lat)
+    for t in sorted(ends):
+        s_free = max(s_free, t) + ctl_msg
+        c_free = max(c_free, s_free + lat) + cli_msg + cli_item * per
+    return c_free
+
+
+def predict(p: dict, cores: list[int], lengths=TASK_LENGTHS, seed: int = 0) -> dict:
+    lat = max(50e-6, (p["rtt_s"] - p["raw_lb_ctl"][0][1] - p["raw_lb_cli"]) / 2)
+    out: dict = {}
+    for T in lengths:
+        for P in cores:
+            rng = random.Random(seed * 7919 + P)
+            times = [rng.uniform(0.9 * T, 1.1 * T) for _ in range(10 * P)]
+            ideal = sum(times) / P
+
+            def hb(period):
+                rho = P * p["hb_cpu_s"] / period
+                return 1 / (1 - rho) if rho < 0.95 else 20.0
+
+            raw_c = _lin(p["raw_lb_ctl"], P) * hb(3.0)
+            ipm_period = min(30.0, max(0.1, 0.01 * P))
+            ipm_c = _lin(p["ipmtc_lb_ctl"], P) * hb(ipm_period)
+            row = {
+                "raw lview.map (hwm=1)": sim_dynamic(times, P, raw_c, p["raw_lb_cli"] / 2, p["raw_lb_cli"] / 2,
+                                                     lat, None),
+                "raw dview.map (static)": sim_static(times, P, p["raw_st_ctl_msg"] * hb(3.0), p["raw_st_cli_msg"],
+                                                     p["raw_st_cli_item"], lat),
+                "ipmtc dynamic_map": sim_dynamic(times, P, ipm_c, p["ipmtc_lb_cli"] / 2, p["ipmtc_lb_cli"] / 2,
+                                                 lat, 2),
+                "ipmtc static_map": sim_static(times, P, p["ipmtc_st_ctl_msg"] * hb(ipm_period),
+                                               p["ipmtc_st_cli_msg"], p["ipmtc_st_cli_item"], lat),
+                "mpi4py.futures": sim_dynamic(times, P, p["mpi_task_s"], 0.0, 0.0, 10e-6, None),
+            }
+            for name, makespan in row.items():
+                out.setdefault(T, {}).setdefault(name, {})[P] = ideal / makespan
+    return out
+
+
+def knee(effs: dict[int, float], level: float = 0.9) -> int | None:
+    """The first core count with efficiency below ``level``."""
+    return next((P for P, e in sorted(effs.items()) if e < level), None)
+
+
+def main(argv=None) -> int:
+    ap = C.parser(__doc__)
+    ap.add_argument("--no-measure", action="store_true", help="use the built-in costs instead of measuring")
+    args = ap.parse_args(argv)
+    mach = C.machine()
+    ipd = C.private_ipython_dir("model")
+    t0 = time.monotonic()
+    try:
+        if args.no_measure:
+            params, how = dict(DEFAULTS), "built-in costs (--no-measure)"
+        else:
+            sizes, K = ([2, 4], 200) if args.smoke else ([8, 32], 2000)
+            params, how = measure(sizes, K), f"measured here at {sizes[0]} and {sizes[-1]} engines, {K} tasks each"
+    finally:
+        C.kill_leftovers(ipd)
+    cores = [12, 96, 768] if args.smoke else CORES
+    pred = predict(params, cores)
+    took = time.monotonic() - t0
+    ms = lambda v: f"{v * 1e3:.3g} ms"  # noqa: E731
+    cost_rows = [
+        ["raw: controller CPU per load-balanced task", ", ".join(f"{ms(c)} at {E} engines" for E, c in
+                                                                 params["raw_lb_ctl"])],
+        ["raw: client CPU per load-balanced task", ms(params["raw_lb_cli"])],
+        ["raw dview.map: controller / client per message, client per task",
+         f"{ms(params['raw_st_ctl_msg'])} / {ms(params['raw_st_cli_msg'])}, {ms(params['raw_st_cli_item'])}"],
+        ["ipmtc: controller CPU per task (chunksize 1)", ", ".join(f"{ms(c)} at {E} engines" for E, c in
+                                                                   params["ipmtc_lb_ctl"])],
+        ["ipmtc: client CPU per task (chunksize 1)", ms(params["ipmtc_lb_cli"])],
+        ["ipmtc static_map: controller / client per message, client per task",
+         f"{ms(params['ipmtc_st_ctl_msg'])} / {ms(params['ipmtc_st_cli_msg'])}, {ms(params['ipmtc_st_cli_item'])}"],
+        ["round trip of one load-balanced no-op task", ms(params["rtt_s"])],
+        ["controller CPU per heartbeat", ms(params["hb_cpu_s"])],
+        ["mpi4py.futures master, time per task", ms(params["mpi_task_s"])],
+    ]
+    show = [P for P in cores if P in (12, 96, 192, 768, 1536, 3072, 6144, 12288)]
+    parts = ["### Model: efficiency vs cores for the study's task lengths (10 tasks per core)", "",
+             C.machine_line(mach), "", f"Per-task costs ({how}):", "",
+             C.md_table(["cost", "value"], cost_rows), ""]
+    for T, by in pred.items():
+        parts += [f"Task length {T:g} s:", "",
+                  C.md_table(["configuration"] + [f"{P:,}" for P in show],
+                             [[name] + [by[name][P] for P in show] for name in by]), ""]
+    knees = {name: {T: knee(pred[T][name]) for T in pred} for name in ("raw lview.map (hwm=1)", "ipmtc dynamic_map",
+                                                                     "raw dview.map (static)", "ipmtc static_map")}
+    kn = lambda k: f"{k:,}" if k else f"none up to {cores[-1]:,}"  # noqa: E731
+    mpi_min = min(e for by in pred.values() for e in by["mpi4py.futures"].values())
+    c96 = _lin(params["raw_lb_ctl"], 96)
+    parts += [
+        "First core count where the predicted efficiency falls below 0.90:", "",
+        C.md_table(["configuration"] + [f"{T:g} s tasks" for T in pred],
+                   [[name] + [kn(k) for k in by.values()] for name, by in knees.items()]), "",
+        "Compared with the study (Lunacek et al. 2013, Fig. 4 and 5): it saw raw IPython dynamic efficiency fall "
+        "after ~96 cores for 30 s tasks (and scale to ~384 cores for 300 s tasks), mpi4py above 90% throughout. "
+        f"mpi4py: the model's lowest efficiency is {mpi_min:.3f} (agrees). Raw dynamic: the model puts the 30 s "
+        f"knee at {kn(knees['raw lview.map (hwm=1)'][TASK_LENGTHS[0]])} cores, i.e. much later than the study. A "
+        f"knee at ~96 cores for 30 s tasks would need a serial cost of about 30 s / 96 = 0.31 s per task at the "
+        f"controller, ~{0.31 / c96:,.0f}x the {c96 * 1e3:.2g} ms measured here today. So per-task controller CPU "
+        "at today's costs does not explain the study's early drop; the 2013 software (IPython 0.13 hub and task "
+        "database, Python 2, 30 s heartbeats) or effects outside this model (registration still going on, the "
+        "hub's database growth, network) must account for it. What the model does reproduce is the ordering: the "
+        "knee moves to more cores as tasks get longer, static maps outlast dynamic ones, and mpi4py stays flat.",
+        "", f"(model run: {took:.0f} s)"]
+    md = "\n".join(parts)
+    C.write_outputs(args.out, "model", md, {"machine": mach, "params": params, "how": how,
+                                            "prediction": {str(T): v for T, v in pred.items()}})
+    fig, axes = C.new_figure(13, 4.2, ncols=len(pred))
+    for ax, (T, by) in zip(axes, pred.items()):
+        for (name, effs), marker in zip(by.items(), "^vsoD"):
+            ax.plot(list(effs), list(effs.values()), marker + "-", label=name, markersize=4)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(cores, [f"{P:,}" if P in (12, 96, 768, 6144) or len(cores) < 5 else "" for P in cores],
+                      fontsize=7)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"tasks of {T:g} s")
+        ax.set_xlabel("cores (engines)")
+    axes[0].set_ylabel("predicted efficiency")
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("Model: weak-scaling efficiency from per-task costs measured here")
+    fig.tight_layout()
+    fig.savefig(args.out / "model.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
