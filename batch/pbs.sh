@@ -21,11 +21,12 @@
 # it): passwordless ssh between the job's nodes must work, as for any MPI job. The engines must
 # reach the controller on this node over TCP (ipmtc picks this node's address).
 #
-# Exit status: the script's (example_mtc.py: 0 all done, 1 failures, 3 drained, 130 interrupted),
-# or 1 when the cluster could not start.
+# Exit status: the script's (example_mtc.py: 0 all done, 1 failures, 3 drained with undone tasks),
+# 143 when SIGTERM (walltime, qdel) ended it early, or 1 when the cluster could not start.
 #
 # Copy this file next to your script and edit the lines marked "EDIT".
 
+# shellcheck disable=SC2317  # (stop_all and on_signal run from traps)
 #PBS -N ipmtc
 #PBS -l nodes=4:ppn=4
 #PBS -l walltime=00:30:00

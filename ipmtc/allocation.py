@@ -319,7 +319,7 @@ def _slurm_end_time(environ: Mapping[str, str]) -> float | None:
         return None
 
 
-def _session_start(environ: Mapping[str, str]) -> float | None:
+def _session_start() -> float | None:
     """When this PBS job started, as seen from here: PBS starts the job script as a session leader."""
     import psutil
 
@@ -354,7 +354,7 @@ def _pbs_end_time(environ: Mapping[str, str]) -> float | None:
                     fields[key.strip()] = value.strip()
             now = time.time()
             remaining = fields.get("Walltime.Remaining")  # Torque: seconds left
-            if remaining and remaining.strip().lstrip("-").isdigit():
+            if remaining and remaining.lstrip("-").isdigit():
                 return now + float(remaining)
             limit = _parse_walltime(fields.get("Resource_List.walltime", ""))
             if limit is not None:
@@ -372,7 +372,7 @@ def _pbs_end_time(environ: Mapping[str, str]) -> float | None:
                     return now + limit - used
     limit = _parse_walltime(environ.get("PBS_WALLTIME", ""))  # Torque: the limit in seconds
     if limit is not None:
-        started = _session_start(environ)
+        started = _session_start()
         if started is not None:
             return started + limit
     return None

@@ -220,8 +220,11 @@ def run(tasks_file, profile, outdir, retries, walltime_s, journal_path, retry_fa
 
     Blank lines and # comments are skipped. A non-zero exit status is a failure.
     Rerunning the same command after a crash or Ctrl-C skips the lines already done.
-    Exit status: 0 if every command succeeded, 1 otherwise, 130 when interrupted.
+    Exit status: 0 if every command succeeded, 1 otherwise, 130 when interrupted (Ctrl-C),
+    143 when terminated (SIGTERM); what finished before is recorded either way.
     """
+    import signal
+
     from . import commands as _commands
 
     tasks = _commands.read_task_file(tasks_file)
@@ -231,6 +234,13 @@ def run(tasks_file, profile, outdir, retries, walltime_s, journal_path, retry_fa
     rc = None
     t0 = time.monotonic()
     jerr = None
+    terminated = []
+
+    def on_sigterm(signum, frame):  # scancel / the batch system's warning signal: record what finished, stop
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         rc = _cluster.connect(profile)
         n_engines = len(rc.ids)
@@ -244,10 +254,12 @@ def run(tasks_file, profile, outdir, retries, walltime_s, journal_path, retry_fa
         summary = _commands.summarize(res, tasks, jr)
     except KeyboardInterrupt:
         jr.close()
-        click.echo(f"\nipmtc run: interrupted; {jr.n_recorded} commands were recorded in journal {journal_path} "
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
+        click.echo(f"\nipmtc run: {how}; {jr.n_recorded} commands were recorded in journal {journal_path} "
                    "by this run; run the same command again to continue", err=True)
-        sys.exit(130)
+        sys.exit(143 if terminated else 130)
     finally:
+        signal.signal(signal.SIGTERM, old_handler)
         jr.close()
         if rc is not None:
             rc.close()

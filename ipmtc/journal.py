@@ -28,7 +28,8 @@ Storage and safety
     several times that. The ``inbox`` is folded into the ``tasks`` table (one
     row per task, the key its primary key, the result pickled) in one
     transaction when the journal is closed (unless that would add more than 5%
-    to a very short map; the next open or a later close does it then). Every
+    to a very short map; the next open or a later close does it then, or
+    :meth:`Journal.compact`). Every
     reader here (lookups, ``ipmtc journal show``, :meth:`Journal.rows`) sees
     both tables, the newest record of a key winning.
 
@@ -688,6 +689,17 @@ class Journal:
             keep_rows.append(row)
             blobs.append(blob)
         return keep_rows, blobs
+
+    def compact(self) -> None:
+        """Fold every committed batch into the ``tasks`` table now (for queries with plain SQL)."""
+        if self._closed or self.readonly:
+            raise JournalError(f"journal {self.path} is {'closed' if self._closed else 'open read-only'}; "
+                               "open it for writing to compact it")
+        self.flush()
+        try:
+            self._merge()
+        except sqlite3.Error as e:
+            raise JournalError(self._write_error_message(e, opening=False)) from None
 
     def _merge(self) -> None:
         """Fold the inbox into the tasks table (one transaction: all of it or nothing, in batch order)."""

@@ -302,9 +302,6 @@ def _table(rows: list[dict[str, Any]], style: str = "text") -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(x)}</td>" for x in row) + "</tr>" for row in cells)
         return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-    if style == "markdown":
-        return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-                         + ["| " + " | ".join(row) + " |" for row in cells])
     w = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     return "\n".join("  " + "  ".join(x.rjust(w[i]) if i else x.ljust(w[i]) for i, x in enumerate(row))
                      for row in [cols] + cells)

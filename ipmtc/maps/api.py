@@ -5,7 +5,7 @@ import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..errors import MapError
+from ..errors import JournalError, MapError
 from .dispatch import Dispatcher, Options
 from .result import MapResult
 
@@ -90,17 +90,25 @@ def _map(schedule: str, fn, items, *, client, retries, walltime_s, chunksize, fa
                    drain_margin_s=drain_margin_s)
     jr = None
     if journal is not None:
-        from ..journal import Journal, task_key
+        from ..journal import Journal, key_function
 
-        jr = journal if isinstance(journal, Journal) else Journal.open(journal, fn=fn,
-                                                                         retry_failed=retry_failed)
+        if isinstance(journal, Journal):
+            jr = journal
+            jr.check_function(fn)  # a journal of another function is refused too
+        else:
+            jr = Journal.open(journal, fn=fn, retry_failed=retry_failed)
         opts.journal = jr
-        opts.key = key or (lambda item: task_key(fn, item))
+        opts.key = key or key_function(fn)  # the function's identity, worked out once
     try:
-        return Dispatcher(rc, fn, iterator, n_total, opts, lview=lview, engines=engines).run()
+        res = Dispatcher(rc, fn, iterator, n_total, opts, lview=lview, engines=engines).run()
     finally:
         if jr is not None and not isinstance(journal, Journal):
             jr.close()
+    if jr is not None and jr.error is not None:  # e.g. disk full mid-map: say so, lose nothing
+        err = JournalError(f"{jr.error}; the {len(res)} results of this map are in this error's .result")
+        err.result = res
+        raise err
+    return res
 
 
 def dynamic_map(fn: Callable, items: Iterable[Any], *, client=None, retries: int = 0,
@@ -116,7 +124,9 @@ def dynamic_map(fn: Callable, items: Iterable[Any], *, client=None, retries: int
     fast_abort: a task running longer than ``fast_abort`` x the median is aborted and rerun elsewhere.
     drain_at: epoch seconds; ``"auto"`` (default) = the batch job's end time, None = never. No task is
         handed out that would not finish ``drain_margin_s`` before it; the rest is reported in ``res.undone``.
-    journal: path of an SQLite journal: finished tasks are skipped when the map is run again.
+    journal: path of an SQLite journal: finished tasks are skipped when the map is run again. The key
+        is the function's module + qualname and the input, not its code: after changing what fn
+        computes, use a new journal (or ``key=`` with a version).
     """
     return _map("dynamic", fn, items, client=client, retries=retries, walltime_s=walltime_s,
                 chunksize=chunksize, fast_abort=fast_abort, ordered=ordered, star=star, progress=progress,

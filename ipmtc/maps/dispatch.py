@@ -21,7 +21,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import EnginesLostError
@@ -59,7 +59,6 @@ class Options:
     drain_margin_s: float = 30.0
     key: Callable[[Any], str] | None = None
     journal: Any = None
-    extra: dict = field(default_factory=dict)
 
 
 class Dispatcher:
@@ -174,15 +173,15 @@ class Dispatcher:
         for k in ("engine_id", "host", "pid", "started", "finished", "attempts", "outcome", "error"):
             if k in stored:
                 setattr(rec, k, stored[k])
-        self.items.pop(index, None)
         self.finished.add(index)
         self.res.journal_hits += 1
         if rec.outcome == OK:
+            self.items.pop(index, None)
             self.res._set(index, value)
+            self._tick()
         else:
-            self._fail(index, rec, {"ename": (rec.error or "Error").split(":")[0],
-                                    "evalue": rec.error or "", "traceback": ""}, record=False)
-        self._tick()
+            ename, _, evalue = (rec.error or "Error: ").partition(": ")
+            self._fail(index, rec, {"ename": ename, "evalue": evalue, "traceback": ""}, record=False)
 
     def _should_drain(self) -> bool:
         if self.opts.drain_at is None:
@@ -223,7 +222,7 @@ class Dispatcher:
             if target is not None:
                 ar = self.client[target].apply_async(runner.run_chunk, *args)
             else:
-                avoid = set().union(*(self.avoid.get(i, set()) for i in indices))
+                avoid = set().union(*(self.avoid.get(i, ()) for i in indices)) if self.avoid else set()
                 others = [e for e in self.client.ids if e not in avoid]
                 if avoid and others:
                     with self.lview.temp_flags(targets=others):

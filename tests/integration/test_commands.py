@@ -2,8 +2,8 @@
 
 One 4-engine local cluster for the module (``shared_cluster``: private
 IPYTHONDIR, stopped and checked for leftovers at the end). ``ipmtc run`` runs
-as a real CLI subprocess; the first two runs are interrupted (SIGINT, then
-SIGKILL) midway, the third finishes and must skip what was done.
+as a real CLI subprocess; the first three runs are interrupted midway (SIGINT,
+SIGTERM, SIGKILL), the fourth finishes and must skip what was done.
 """
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def _no_command_left(cluster) -> None:
     assert not left, f"commands left running: {left}"
 
 
-def test_run_500_commands_interrupted_twice_then_resumed(shared_cluster, tmp_path):
+def test_run_500_commands_interrupted_three_times_then_resumed(shared_cluster, tmp_path):
     path, expect, failing, hang = _task_file(tmp_path)
     db, outdir = Path(f"{path}.journal.db"), Path(f"{path}.out")
     env = _env(shared_cluster)
@@ -154,10 +154,15 @@ def test_run_500_commands_interrupted_twice_then_resumed(shared_cluster, tmp_pat
     after_first = _journal_counts(db)
     assert 100 <= after_first.get("ok", 0) < N_LINES - len(failing) - 1
 
-    second = _interrupt_midway(argv, env, tmp_path, db, signal.SIGKILL, at_least=100)
+    term = _interrupt_midway(argv, env, tmp_path, db, signal.SIGTERM, at_least=80)  # scancel, batch warning
+    assert term.returncode == 143 and "ipmtc run: terminated (SIGTERM);" in term.stderr, (term.stdout, term.stderr)
+    after_term = _journal_counts(db)
+    assert after_term.get("ok", 0) >= after_first["ok"] + 80
+
+    second = _interrupt_midway(argv, env, tmp_path, db, signal.SIGKILL, at_least=80)
     assert second.returncode == -signal.SIGKILL
     after_second = _journal_counts(db)
-    assert after_second.get("ok", 0) >= after_first["ok"] + 100
+    assert after_second.get("ok", 0) >= after_term["ok"] + 80
 
     third = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert third.returncode == 1, (third.stdout, third.stderr)  # some commands failed

@@ -151,7 +151,7 @@ def test_losing_one_nodes_engines_mid_map(jobs, tmp_path, ipython_dir):
 
 
 def test_walltime_shorter_than_the_work_drains(jobs, tmp_path):
-    """`sbatch -t 2` with 2000 one-second tasks on 8 engines (~250 s of work): drains, lists the undone tasks.
+    """`sbatch -t 2` with 2000 one-second tasks on 4 engines (~500 s of work): drains, lists the undone tasks.
 
     The map reads the end time from squeue; with --drain-margin-s 85 it stops handing out tasks
     ~34 s into the job, the running ones finish, the cluster is stopped: exit status 3 (documented:
@@ -160,7 +160,7 @@ def test_walltime_shorter_than_the_work_drains(jobs, tmp_path):
     res_file = tmp_path / "results.json"
     journal = tmp_path / "pi.db"
     n, samples = 2000, 100
-    job = jobs.submit(["-N", "4", "--ntasks-per-node=2", "-t", "2", "--signal=B:TERM@10"],
+    job = jobs.submit(["-N", "4", "--ntasks-per-node=1", "-t", "2", "--signal=B:TERM@10"],
                       BATCH / "slurm.sbatch",
                       ["--tasks", str(n), "--samples", str(samples), "--task-seconds", "1",
                        "--drain-margin-s", "85", "--journal", str(journal), "--out", str(res_file)],
@@ -181,7 +181,7 @@ def test_walltime_shorter_than_the_work_drains(jobs, tmp_path):
     assert [int(x) for x in m.group(2).split()] == undone[:50]
     assert "submit again with --journal" in out
     _assert_stopped(out)
-    record("walltime drain (-t 2, margin 85 s, 8 engines)",
+    record("walltime drain (-t 2, margin 85 s, 4 engines)",
            f"job ran {end - start:.0f} s of 120 s; {data['summary']['ok']} done, {len(undone)} undone, exit 3")
 
 

@@ -165,6 +165,12 @@ def test_unmerged_inbox_is_read_everywhere(tmp_path, monkeypatch):
         assert j.lookup(task_key(square, 5))[0] == 25
         assert j.lookup(task_key(square, 100)) is None
         j.add(rec(100, square), 10_000)
+    with Journal.open(db, fn=square) as j:
+        j.compact()
+        assert j._conn.execute("SELECT count(*) FROM inbox").fetchone() == (0,)
+        assert j.counts() == {"ok": 298, "raised": 2}
+    with Journal.open(db, fn=square) as j:
+        fill(j, 1, start=7)  # a rewrite of a row of the tasks table (few records: folded in at close)
     monkeypatch.setattr(J, "PRELOAD_MAX_ROWS", 0)  # task-by-task lookups: the open folds the inbox first
     with Journal.open(db, fn=square) as j:
         assert j.lookup(task_key(square, 100))[0] == 10_000

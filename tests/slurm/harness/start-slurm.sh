@@ -28,6 +28,10 @@
 #                           default CTLD_PORT+1; node i gets +i-1)
 #   IPMTC_SLURM_TIMEOUT     seconds to wait for each daemon and for idle nodes
 #                           (default 60)
+#   IPMTC_SLURM_MIN_JOB_AGE seconds a finished job stays visible to squeue/scontrol
+#                           (default 300). sbatch --wait polls after 2 s, then
+#                           sleeps x4 while below MinJobAge/2 (at most 32 s):
+#                           16 keeps its polls 8 s apart instead of 32 s
 #   IPMTC_SLURM_WAIT_SCHED  1 (default): also wait for slurmctld's first
 #                           scheduling pass (~3 s after it starts), so that
 #                           the first job starts as fast as later ones; 0: don't
@@ -49,6 +53,7 @@ CPUS=${IPMTC_SLURM_CPUS:-4}
 MEM=${IPMTC_SLURM_MEM_MB:-2000}
 TIMEOUT=${IPMTC_SLURM_TIMEOUT:-60}
 WAIT_SCHED=${IPMTC_SLURM_WAIT_SCHED:-1}
+MIN_JOB_AGE=${IPMTC_SLURM_MIN_JOB_AGE:-300}
 HOST=$(hostname -s 2>/dev/null || hostname)
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 MSOCK=/run/munge/munge.socket.2      # munged's default socket (see header)
@@ -63,6 +68,7 @@ secs() { printf '%d.%02d' $(($1 / 1000000)) $(($1 % 1000000 / 10000)); }
 [ "$(id -u)" = 0 ] || die "must run as root"
 case $NODES in ''|*[!0-9]*|0) die "IPMTC_SLURM_NODES must be a positive integer" ;; esac
 case $CPUS in ''|*[!0-9]*|0) die "IPMTC_SLURM_CPUS must be a positive integer" ;; esac
+case $MIN_JOB_AGE in ''|*[!0-9]*|0) die "IPMTC_SLURM_MIN_JOB_AGE must be a positive integer" ;; esac
 BASE=$(mkdir -p "$BASE" && cd "$BASE" && pwd)       # absolute: it goes into slurm.conf
 [ "$BASE" != / ] || die "IPMTC_SLURM_BASE must not be /"
 
@@ -242,7 +248,7 @@ SlurmctldTimeout=300
 SlurmdTimeout=300
 InactiveLimit=0
 KillWait=5
-MinJobAge=300
+MinJobAge=${MIN_JOB_AGE}
 # one task of a step dying must not take the others down (ipmtc's engines):
 # no kill on bad exit, no wait-then-kill after the first task ends
 KillOnBadExit=0
