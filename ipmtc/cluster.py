@@ -243,7 +243,12 @@ def start(*, preset: str | None = None, flags: Mapping[str, Any] | None = None, 
     registered = 0
     try:
         cluster.start_controller_sync()
-        cluster.start_engines_sync(n=plan.n_engines)
+        # srun starts each engine itself: engines need no MPI wiring, so they skip MPI_Init
+        # (ipmtc.engine drops --mpi) and srun sets up no PMI. Measured with the mpich wheel under
+        # Slurm's pmi2 plugin: MPI_Init now and then hung ("mpi/pmi2: value not properly
+        # terminated") and every killed singleton left a /dev/shm segment behind.
+        engine_env = {"SLURM_MPI_TYPE": "none", "IPMTC_ENGINE_MPI": "0"} if plan.launcher == "srun" else {}
+        cluster.start_engines_sync(n=plan.n_engines, environment=engine_env)
         client = cluster.connect_client_sync()
         last = -1
         while True:

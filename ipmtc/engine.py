@@ -9,9 +9,13 @@ ended all the others within 0.2 s, or at their next task):
   terminates the process: ignore it;
 - hydra stops forwarding the ranks' stdout/stderr, so the next log line kills
   the engine: write each engine's output to its own file in the profile's log/.
+
+Under srun (``IPMTC_ENGINE_MPI=0``) the engine is started without ``--mpi``: srun
+places and supervises each engine, which needs no MPI at all.
 """
 import os
 import signal
+import sys
 
 
 def _own_log() -> None:
@@ -30,6 +34,9 @@ def _own_log() -> None:
 
 
 def main() -> None:
+    if os.environ.get("IPMTC_ENGINE_MPI") == "0" and "--mpi" in sys.argv:
+        # started by srun: a plain engine (no MPI_Init, nothing left in /dev/shm)
+        sys.argv.remove("--mpi")
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     _own_log()

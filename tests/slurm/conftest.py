@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def _harness(script: str, env: dict[str, str], *args: str, timeout_s: float) -> 
 
 
 @pytest.fixture(scope="session")
-def slurm() -> SlurmCluster:
+def slurm() -> Iterator[SlurmCluster]:
     """Start the local Slurm (n1..n4) for the session; stop it (by PID) and purge its dir at the end."""
     if os.geteuid() != 0:
         pytest.fail("the Slurm tests start a local Slurm cluster and need root (CI runs them as root); "
