@@ -15,6 +15,7 @@ its heartbeat expires (~30 s by default). ``--no-raw`` skips it.
 """
 from __future__ import annotations
 
+import json
 import random
 import sys
 import threading
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
             ok = list(res) == times and res.ok
             m = report.analyze(res).metrics
             args.out.mkdir(parents=True, exist_ok=True)
-            res.save(args.out / "faults_run.json")
+            saved = res.save(args.out / "faults_run.json")  # + the cluster's start-up, for `ipmtc report`
+            saved.write_text(json.dumps({**json.loads(saved.read_text()), "startup_s": info.startup_s}))
             report.plot_timeline(res, args.out / "faults.png",
                                  title=f"ipmtc dynamic_map: {len(times)} tasks, {P_FAIL:.0%} of attempts fail, "
                                        f"{K} of {E} engines killed at {free_s / 2:.1f} s")

@@ -11,11 +11,12 @@ Step 2 (predict): a discrete-event simulation of the study's weak-scaling run
 12 ... 12,288 engines, for raw ipyparallel (lview.map hwm=1, dview.map),
 ipmtc (dynamic_map, static_map) and mpi4py.futures. Assumptions:
 
-* The controller (hub + schedulers) and the client are each one FIFO server
-  with the measured CPU cost per task/message, on a core of their own (on this
-  2-core machine they share cores with the engines; on a cluster they do not).
-  A load-balanced task costs the controller 1/3 of its measured cost when
-  submitted, 1/3 when dispatched and 1/3 when its reply is routed.
+* The controller and the client are each one server with the measured CPU cost
+  per task/message, on a core of their own (on this 2-core machine they share
+  cores with the engines; on a cluster they do not). The controller takes the
+  client's submissions and the engines' replies from two FIFO queues in turn. A
+  load-balanced task costs it 1/3 of its measured cost when submitted, 1/3 when
+  dispatched and 1/3 when its reply is routed.
 * The controller's whole process tree (hub and schedulers) counts as one server
   (pessimistic: on a cluster the schedulers run in processes of their own).
   Its cost per task is the one measured at the larger engine count plus the
@@ -32,14 +33,21 @@ ipmtc (dynamic_map, static_map) and mpi4py.futures. Assumptions:
   start-up (the study's Fig. 3 and 4 exclude initialization).
 * mpi4py.futures: the master rank is the only server (its per-task time measured
   with 8 workers); efficiency is over the worker ranks.
+* Efficiency = (sum of task times / cores) / makespan. With 10 tasks per core of
+  +-10% length even a zero-overhead schedule stays near 0.95-0.97 (the last
+  tasks end unevenly); the study instead divided by its best 12-core time.
+* Costs measured on a 2-core machine shared with engines and other jobs are CPU
+  times, not wall times, but still include cache and scheduling effects of that
+  crowding: a dedicated controller node would likely be faster.
 
-    python benchmarks/model.py [--smoke] [--out DIR] [--no-measure]
+    python benchmarks/model.py [--smoke] [--out DIR] [--no-measure | --params model.json]
 
 --smoke uses the built-in costs (measured earlier on this kind of machine) and 12-768 cores.
 """
 from __future__ import annotations
 
 import heapq
+import json
 import math
 from collections import deque
 import random
@@ -316,19 +324,24 @@ def knee(effs: dict[int, float], level: float = 0.9) -> int | None:
 def main(argv=None) -> int:
     ap = C.parser(__doc__)
     ap.add_argument("--no-measure", action="store_true", help="use the built-in costs instead of measuring")
+    ap.add_argument("--params", type=Path, metavar="JSON", help="take the costs from an earlier run's model.json")
     args = ap.parse_args(argv)
     mach = C.machine()
     ipd = C.private_ipython_dir("model")
     t0 = time.monotonic()
     try:
-        if args.no_measure or args.smoke:  # smoke: no clusters, built-in costs, few core counts
+        if args.params:
+            prev = json.loads(args.params.read_text())
+            params, how, mach = prev["params"], prev["how"] + "; re-rendered from that run's costs", prev["machine"]
+        elif args.no_measure or args.smoke:  # smoke: no clusters, built-in costs, few core counts
             params, how = dict(DEFAULTS), "built-in costs (--no-measure / --smoke)"
         else:
             sizes, K = ([2, 4], 200) if args.smoke else ([8, 32], 2000)
             params, how = measure(sizes, K), f"measured here at {sizes[0]} and {sizes[-1]} engines, {K} tasks each"
     finally:
         C.kill_leftovers(ipd)
-    params["sched_scan_per_engine_s"] = sched_scan_s(12_288) / 12_288
+    if "sched_scan_per_engine_s" not in params:
+        params["sched_scan_per_engine_s"] = sched_scan_s(12_288) / 12_288
     cores = [12, 96, 768] if args.smoke else CORES
     pred = predict(params, cores)
     took = time.monotonic() - t0
@@ -351,9 +364,10 @@ def main(argv=None) -> int:
         ["mpi4py.futures master, time per task", ms(params["mpi_task_s"])],
     ]
     show = [P for P in cores if P in (12, 96, 192, 768, 1536, 3072, 6144, 12288)]
+    assumptions = __doc__.split("Assumptions:")[1].split("    python benchmarks/model.py")[0].strip()
     parts = ["### Model: efficiency vs cores for the study's task lengths (10 tasks per core)", "",
              C.machine_line(mach), "", f"Per-task costs ({how}):", "",
-             C.md_table(["cost", "value"], cost_rows), ""]
+             C.md_table(["cost", "value"], cost_rows), "", "Assumptions of the model:", "", assumptions, ""]
     for T, by in pred.items():
         parts += [f"Task length {T:g} s:", "",
                   C.md_table(["configuration"] + [f"{P:,}" for P in show],

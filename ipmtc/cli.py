@@ -358,5 +358,10 @@ def _export_journal(jr, out: str, fmt: str, failed_only: bool) -> int:
     return n
 
 
+from .report import report_command  # noqa: E402  (kept lazy inside: matplotlib loads only for --plot)
+
+main.add_command(report_command())
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

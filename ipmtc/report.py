@@ -191,11 +191,14 @@ def attempts(run: Run) -> list[Attempt]:
                 loss_at[eid] = min(loss_at.get(eid, t), t)
         unknown = [nxt if nxt is not None else end_all for eid, _, nxt in lost if eid is None]
         unknown = [t for t in unknown if t is not None]
-        if unknown:  # the engine of a lost attempt was not recorded: engines never seen again after the losses
-            t = min(unknown)
+        k = (run.engine_losses or 0) - len(loss_at)
+        if unknown and k > 0:  # the engine of a lost attempt was not recorded: of the engines never seen
+            t = min(unknown)  # again once the losses were handled, those that fell silent first
+            last: dict[Any, float] = {}
+            for a in out:
+                last[a.engine] = max(last.get(a.engine, a.end), a.end)
             gone = {a.engine for a in out} - {a.engine for a in out if a.start >= t} - set(loss_at)
-            if 0 < len(gone) <= (run.engine_losses or 0) - len(loss_at):
-                loss_at.update({e: t for e in gone})
+            loss_at.update({e: t for e in sorted(gone, key=lambda e: last[e])[:k]})
         host_of = {a.engine: a.host for a in out}
         for eid, t in loss_at.items():
             before = [a.end for a in out if a.engine == eid and a.end <= t]
@@ -369,7 +372,7 @@ def plot_timeline(run, path: str | Path | None = None, *, title: str | None = No
     gone = lost_engines(atts)
     if gone:
         ax.scatter([t - t0 for t in gone.values()], [row[e] for e in gone], marker="X", s=70, color="black",
-                   zorder=5, label="engine lost")
+                   zorder=5, label="engine lost (its tasks rerun here)")
     hosts = {a.engine: a.host for a in atts if a.host}
     step = max(1, len(engines) // 60)
     ax.set_yticks(range(0, len(engines), step))
@@ -391,6 +394,7 @@ def plot_timeline(run, path: str | Path | None = None, *, title: str | None = No
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.ipmtc_rows = list(engines)  # engine of each row, top to bottom
+    fig._repr_png_ = lambda: _png(fig)  # notebooks show it inline even without pyplot's inline backend
     if path is not None:
         fig.savefig(path, format="png")
     return fig

@@ -102,7 +102,8 @@ class MapResult:
     def summary(self) -> dict[str, Any]:
         """Tasks, failures, retries, engine losses, makespan, efficiency."""
         recs = self.records
-        busy = sum(r.duration_s or 0.0 for r in recs) + sum(
+        # a failed attempt is in the history; a task's own times are its successful attempt
+        busy = sum(r.duration_s or 0.0 for r in recs if r.outcome == OK) + sum(
             (h[3] - h[2]) for r in recs for h in r.history if h[2] and h[3])
         makespan = (self.finished_at or 0) - (self.started_at or 0) if self.started_at else 0.0
         durations = [r.duration_s for r in recs if r.outcome == OK and r.duration_s is not None]

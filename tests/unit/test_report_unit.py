@@ -79,7 +79,8 @@ def test_timeline_png_has_one_row_per_engine(tmp_path):
     ax = fig.axes[0]
     assert len(ax.get_yticks()) == 3
     labels = {t.get_text() for t in ax.get_legend().get_texts()}
-    assert {"ok", "raised, retried", "raised (failed)", "lost with its engine (inferred)", "engine lost"} <= labels
+    assert {"ok", "raised, retried", "raised (failed)", "lost with its engine (inferred)",
+            "engine lost (its tasks rerun here)"} <= labels
 
 
 def test_map_result_methods(tmp_path):
@@ -165,3 +166,11 @@ def test_lost_attempt_without_engine_is_attributed_to_the_engine_never_seen_agai
     assert [(a.engine, a.start, a.end) for a in lost] == [(2, 1001.0, 1005.0)]
     run.engine_losses = 0  # no loss recorded: nothing is inferred
     assert not [a for a in report.attempts(run) if a.kind == "lost"]
+
+
+def test_timeline_figure_displays_inline_without_pyplot():
+    from IPython.core.formatters import PNGFormatter
+
+    fig = report.plot_timeline(FIXTURE)
+    png = PNGFormatter()(fig)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
