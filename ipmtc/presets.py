@@ -243,10 +243,10 @@ def auto_values(n_engines: int, period_ms: int | None = None) -> dict[str, float
     period_ms = int(period_ms or min(30_000, max(100, 10 * n)))
     return {
         "heartbeat_period_ms": period_ms,
-        # an engine is declared lost after max(10 beats, 10 s): a busy controller on a small
-        # node must not mistake a slow beat for a lost engine (a killed engine is reported
-        # at once by its nanny; only a lost node waits for the heartbeat)
-        "heartbeat_misses": max(10, math.ceil(10_000 / period_ms)),
+        # an engine is declared lost after max(10 beats, 5 s): quick recovery from a lost
+        # node, yet a busy controller on a small node does not mistake a slow beat for a
+        # lost engine (a killed engine is reported at once by its nanny)
+        "heartbeat_misses": max(10, math.ceil(5_000 / period_ms)),
         "engine_heartbeat_misses": max(50, math.ceil(30_000 / period_ms)),
         "registration_timeout_s": round(max(30.0, 5 * period_ms / 1000, 0.05 * n), 1),
         "engine_timeout_s": round(max(10.0, 0.05 * n), 1),

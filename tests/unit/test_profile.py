@@ -84,7 +84,7 @@ def test_dynamic_local_values() -> None:
     ctl = _exec_config(files["ipcontroller_config.py"])
     assert ctl.IPController.ip == "127.0.0.1" and ctl.IPController.location == "127.0.0.1"
     assert (ctl.TaskScheduler.scheme_name, ctl.TaskScheduler.hwm) == ("leastload", 1)
-    assert (ctl.HeartMonitor.period, ctl.HeartMonitor.max_heartmonitor_misses) == (100, 100)
+    assert (ctl.HeartMonitor.period, ctl.HeartMonitor.max_heartmonitor_misses) == (100, 50)
     assert ctl.IPController.registration_timeout == 30
     assert ctl.IPController.db_class == "DictDB"
     assert "ports" not in ctl.IPController

@@ -10,7 +10,7 @@ c.TaskScheduler.scheme_name = 'leastload'
 c.TaskScheduler.hwm = 1
 # heartbeat: registration completes on the first beat, loss is declared after the misses
 c.HeartMonitor.period = 100
-c.HeartMonitor.max_heartmonitor_misses = 100
+c.HeartMonitor.max_heartmonitor_misses = 50
 c.IPController.registration_timeout = 30
 c.IPController.db_class = 'DictDB'
 c.IPController.log_level = 'INFO'
