@@ -86,6 +86,7 @@ class Dispatcher:
         self.res = MapResult(ordered=opts.ordered, n_engines=len(self.engines), schedule=opts.schedule)
         self.finished: set[int] = set()
         self.speculated: set[int] = set()
+        self.rescued: set[str] = set()
         self.durations: deque[float] = deque(maxlen=2000)
         self.mean_task_s: float | None = None
         self.to_purge: list[str] = []
@@ -248,6 +249,9 @@ class Dispatcher:
     def _completed(self, mid: str) -> None:
         chunk = self.inflight.pop(mid, None)
         if chunk is None:
+            if mid in self.rescued:  # its tasks were resubmitted when the engine was lost
+                self.rescued.discard(mid)
+                self._forget(mid)
             return
         if chunk.target is not None:
             self.per_engine[chunk.target] -= 1
@@ -376,6 +380,8 @@ class Dispatcher:
         if lost:
             self.res.engine_losses += len(lost)
             self.engines = [e for e in self.engines if e in alive]
+            if not self.static:
+                self._rescue_lost()
         new = [e for e in ids if e not in self.known_engines]
         if new:  # replacements (or late starters) join the rotation
             self.known_engines.update(new)
@@ -391,6 +397,28 @@ class Dispatcher:
         if self.draining and not self.inflight:
             self._mark_undone()
         self._refresh_bar()
+
+    def _rescue_lost(self) -> None:
+        """Resubmit at once what ran on a lost engine (free), instead of waiting for ipyparallel.
+
+        The load-balanced view learns of a lost engine's tasks only seconds after the engine
+        is unregistered; the hub already knows where every task is. A chunk in flight that no
+        live engine holds and the scheduler does not hold either was on a lost engine. (A
+        chunk caught in transit may run twice: the first result wins, the other is dropped.)
+        """
+        try:
+            qs = self.client.queue_status(verbose=True)
+        except Exception:
+            return
+        held = set(qs.get("unassigned", []))
+        for k, v in qs.items():
+            if isinstance(k, int) and isinstance(v, dict):
+                held.update(v.get("queue", []), v.get("tasks", []))
+        for mid, chunk in list(self.inflight.items()):
+            if mid not in held and not chunk.ar.ready():
+                self.inflight.pop(mid)
+                self.rescued.add(mid)
+                self._requeue(chunk.indices, None, LOST)
 
     def _stragglers(self) -> None:
         if len(self.durations) < max(5, len(self.engines)):
