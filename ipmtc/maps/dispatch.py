@@ -221,15 +221,15 @@ class Dispatcher:
         now = time.time()
         try:
             if target is not None:
-                ar = self.client[target].apply_async(runner.run_chunk, *args)
+                ar = self.client[target].apply_async(runner.RUN_CHUNK, *args)
             else:
                 avoid = set().union(*(self.avoid.get(i, ()) for i in indices)) if self.avoid else set()
                 others = [e for e in self.client.ids if e not in avoid]
                 if avoid and others:
                     with self.lview.temp_flags(targets=others):
-                        ar = self.lview.apply_async(runner.run_chunk, *args)
+                        ar = self.lview.apply_async(runner.RUN_CHUNK, *args)
                 else:
-                    ar = self.lview.apply_async(runner.run_chunk, *args)
+                    ar = self.lview.apply_async(runner.RUN_CHUNK, *args)
         except IndexError:  # the engine was unregistered since we last looked: back in line
             self._last_supervise = 0.0
             self._supervise()

@@ -190,3 +190,17 @@ def run_chunk(fn: Callable, tasks: list, star: bool = False, walltime_s: float |
     if walltime_s is not None or isolate:
         return node, pid, _run_forked(fn, tasks, star, walltime_s, publish)
     return node, pid, _run_inline(fn, tasks, star, publish)
+
+
+class _ChunkRunner:
+    """``run_chunk`` as an object: ipyparallel pickles it by reference (a few bytes) where a
+    plain function would be sent as its code with every chunk."""
+
+    def __call__(self, *args):
+        return run_chunk(*args)
+
+    def __reduce__(self):
+        return (_ChunkRunner, ())
+
+
+RUN_CHUNK = _ChunkRunner()

@@ -109,7 +109,11 @@ def _journal_counts(db: Path) -> dict[str, int]:
 
 
 def _interrupt_midway(argv, env, cwd, db: Path, sig: int, at_least: int) -> subprocess.CompletedProcess:
-    """Start ``ipmtc run``, send ``sig`` once the journal holds ``at_least`` more records."""
+    """Start ``ipmtc run``, send ``sig`` once the journal holds ``at_least`` more records.
+
+    Thresholds are small: commits come every 0.5 s, so on a quiet machine many more commands
+    have finished by the time they show; three interrupts must still leave work for the last run.
+    """
     before = sum(_journal_counts(db).values())
     p = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -148,21 +152,21 @@ def test_run_500_commands_interrupted_three_times_then_resumed(shared_cluster, t
     argv = _ipmtc("run", path.name, "--profile", shared_cluster.profile, "--retries", "1",
                   "--walltime-s", str(WALLTIME_S), "--no-progress")
 
-    first = _interrupt_midway(argv, env, tmp_path, db, signal.SIGINT, at_least=100)
+    first = _interrupt_midway(argv, env, tmp_path, db, signal.SIGINT, at_least=40)
     assert first.returncode == 130, (first.stdout, first.stderr)
     assert "ipmtc run: interrupted;" in first.stderr and "run the same command again" in first.stderr
     after_first = _journal_counts(db)
-    assert 100 <= after_first.get("ok", 0) < N_LINES - len(failing) - 1
+    assert 40 <= after_first.get("ok", 0) < N_LINES - len(failing) - 1
 
-    term = _interrupt_midway(argv, env, tmp_path, db, signal.SIGTERM, at_least=80)  # scancel, batch warning
+    term = _interrupt_midway(argv, env, tmp_path, db, signal.SIGTERM, at_least=30)  # scancel, batch warning
     assert term.returncode == 143 and "ipmtc run: terminated (SIGTERM);" in term.stderr, (term.stdout, term.stderr)
     after_term = _journal_counts(db)
-    assert after_term.get("ok", 0) >= after_first["ok"] + 80
+    assert after_term.get("ok", 0) >= after_first["ok"] + 30
 
-    second = _interrupt_midway(argv, env, tmp_path, db, signal.SIGKILL, at_least=80)
+    second = _interrupt_midway(argv, env, tmp_path, db, signal.SIGKILL, at_least=30)
     assert second.returncode == -signal.SIGKILL
     after_second = _journal_counts(db)
-    assert after_second.get("ok", 0) >= after_term["ok"] + 80
+    assert after_second.get("ok", 0) >= after_term["ok"] + 30
 
     third = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert third.returncode == 1, (third.stdout, third.stderr)  # some commands failed
