@@ -23,6 +23,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ipmtc import _proc
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
 PY = sys.executable
@@ -72,17 +74,7 @@ def private_ipython_dir(name: str) -> Path:
 
 
 def processes_with_env(marker: str) -> list[int]:
-    needle = marker.encode()
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if needle in (d / "environ").read_bytes().split(b"\0"):
-                out.append(int(d.name))
-        except OSError:
-            continue
-    return out
+    return _proc.pids_with_env(marker)
 
 
 def kill_leftovers(ipython_dir: Path, grace_s: float = 3.0) -> list[int]:
@@ -91,40 +83,20 @@ def kill_leftovers(ipython_dir: Path, grace_s: float = 3.0) -> list[int]:
     deadline = time.monotonic() + grace_s  # first give stopping processes time to exit on their own
     while processes_with_env(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
-    pids = [p for p in processes_with_env(marker) if _alive(p)]
+    pids = [p for p in processes_with_env(marker) if _proc.alive(p)]
     for p in pids:
         with contextlib.suppress(OSError):
             cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             print(f"leftover process {p}: {cmd[:160]}", file=sys.stderr)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in pids:
-            with contextlib.suppress(OSError):
-                os.kill(p, sig)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
-            time.sleep(0.1)
+    _proc.stop_pids(pids, grace_s=grace_s)
     return pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and its descendants (an engine and its nanny: a lost node)."""
-    import psutil
-
-    try:
-        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
+    for p in _proc.process_tree(pid):
+        with contextlib.suppress(OSError):
+            os.kill(p, signal.SIGKILL)
 
 
 @contextlib.contextmanager

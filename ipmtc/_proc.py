@@ -57,6 +57,27 @@ def process_tree(pid: int) -> list[int]:
         return []
 
 
+def pids_with_env(marker: str) -> list[int]:
+    """Live PIDs (not zombies, not this one) whose initial environment holds ``marker``.
+
+    E.g. ``IPYTHONDIR=/tmp/x``: every process started under a private IPython
+    directory inherits it, so leftovers are found by PID, never by name.
+    """
+    needle = marker.encode()
+    found = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{d}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        if needle in env.split(b"\0") and alive(int(d)):
+            found.append(int(d))
+    return found
+
+
 def start_time(pid: int) -> float | None:
     """When ``pid`` started (to tell a recorded process from a later one reusing its PID)."""
     import psutil

@@ -21,18 +21,7 @@ BATCH_PREFIXES = ("SLURM_", "PBS_", "LSB_", "IPMTC_")
 
 def processes_with_env(marker: str) -> list[int]:
     """PIDs (not zombies) whose initial environment contains ``marker`` (e.g. IPYTHONDIR=/tmp/x)."""
-    needle = marker.encode()
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            env = (d / "environ").read_bytes()
-        except OSError:
-            continue
-        if needle in env.split(b"\0") and _proc.alive(int(d.name)):
-            found.append(int(d.name))
-    return found
+    return _proc.pids_with_env(marker)
 
 
 def wait_all_dead(pids, timeout_s: float = 10.0) -> list[int]:
