@@ -320,11 +320,24 @@ def _slurm_end_time(environ: Mapping[str, str]) -> float | None:
 
 
 def _session_start() -> float | None:
-    """When this PBS job started, as seen from here: PBS starts the job script as a session leader."""
+    """When this PBS job started, as seen from here: PBS starts the job script as a session leader.
+
+    Where the leader is outside this PID namespace (``getsid`` says 0, e.g. in a
+    container), the oldest visible ancestor in the same session stands in for it.
+    """
     import psutil
 
     try:
-        return psutil.Process(os.getsid(0)).create_time()
+        sid = os.getsid(0)
+        if sid > 0:
+            return psutil.Process(sid).create_time()
+        me = psutil.Process()
+        start = me.create_time()
+        for parent in me.parents():
+            if os.getsid(parent.pid) != sid:
+                break
+            start = parent.create_time()
+        return start
     except (OSError, psutil.Error):
         return None
 

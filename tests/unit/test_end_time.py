@@ -5,8 +5,11 @@ Slurm is exercised in tests/slurm. Every lookup fails soft (None) and fast.
 """
 from __future__ import annotations
 
+import json
 import os
 import stat
+import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -122,10 +125,25 @@ def test_qstat_without_start_uses_the_walltime_used(tmp_path):
     assert abs(job_end_time({"PATH": path, "PBS_JOBID": "42"}) - (time.time() + 2400)) < 5
 
 
+_JOB_SCRIPT = """
+import json, os, sys, time, psutil
+from ipmtc.allocation import job_end_time
+time.sleep(0.3)  # the job script started a while before ipmtc asks
+env = {"PATH": sys.argv[1], "PBS_JOBID": "42", "PBS_WALLTIME": "3600"}
+print(json.dumps([job_end_time(env), psutil.Process().create_time()]))
+"""
+
+
 def test_pbs_walltime_variable_counts_from_the_job_session(tmp_path):
     path = _bin(tmp_path)  # no qstat on the compute node
-    got = job_end_time({"PATH": path, "PBS_JOBID": "42", "PBS_WALLTIME": "3600"})
-    assert got == psutil.Process(os.getsid(0)).create_time() + 3600
+    # PBS starts the job script as a session leader: so does this test
+    out = subprocess.run([sys.executable, "-c", _JOB_SCRIPT, path], capture_output=True, text=True,
+                         check=True, start_new_session=True, timeout=60).stdout
+    got, leader_start = json.loads(out)
+    assert got == leader_start + 3600
+    # asked from a child of the job script: still the job's start, not the child's
+    got_here = job_end_time({"PATH": path, "PBS_JOBID": "42", "PBS_WALLTIME": "3600"})
+    assert got_here is not None and got_here <= psutil.Process().create_time() + 3600
     # qstat that fails: the variable still answers
     path = _bin(tmp_path, qstat="exit 2")
     assert job_end_time({"PATH": path, "PBS_JOBID": "42", "PBS_WALLTIME": "60"}) is not None
@@ -136,3 +154,19 @@ def test_pbs_walltime_variable_counts_from_the_job_session(tmp_path):
                                            ("2-01:00:00", 176400), ("x", None), ("", None), ("1:x", None)])
 def test_parse_walltime(text, seconds):
     assert allocation._parse_walltime(text) == seconds
+
+
+def test_session_leader_outside_the_pid_namespace_uses_the_oldest_visible_ancestor():
+    """In a container the job's session leader may be invisible (getsid says 0), as in CI."""
+    script = ("import json, os, psutil\n"
+              "from ipmtc.allocation import _session_start\n"
+              "me = psutil.Process()\n"
+              "print(json.dumps([os.getsid(0), _session_start(), me.parent().create_time(), me.create_time()]))\n")
+    # sh (PID 1 of a new namespace, its session leader outside) starts Python a while later
+    cmd = ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c",
+           'sleep 0.3; "$0" -c "$1"', sys.executable, script]
+    cp = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, f"unshare (root, as CI runs) failed: {cp.stderr.strip()}"
+    sid, start, sh_start, py_start = json.loads(cp.stdout)
+    assert sid == 0
+    assert start == sh_start and start < py_start
