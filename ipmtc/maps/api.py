@@ -47,15 +47,13 @@ def _client_and_views(client):
         from ..cluster import connect
 
         client = connect()
-    if isinstance(client, ipp.LoadBalancedView):
-        return client.client, client, None
-    if isinstance(client, ipp.DirectView):
+    if isinstance(client, (ipp.LoadBalancedView, ipp.DirectView)):
         targets = client.targets
-        ids = client.client.ids if targets in (None, "all") else list(
+        ids = None if targets in (None, "all") else list(
             targets if isinstance(targets, (list, tuple, range)) else [targets])
-        return client.client, None, ids
+        return client.client, ids
     if isinstance(client, ipp.Client):
-        return client, None, None
+        return client, None
     raise MapError(f"client must be an ipyparallel Client or view, got {type(client).__name__}")
 
 
@@ -80,11 +78,9 @@ def _map(schedule: str, fn, items, *, client, retries, walltime_s, chunksize, fa
         from ..allocation import job_end_time
 
         drain_at = job_end_time()
-    rc, lview, engines = _client_and_views(client)
+    rc, engines = _client_and_views(client)
     if not rc.ids:
         raise MapError("the cluster has no engines; start some with `ipmtc start` and try again")
-    if schedule == "dynamic" and engines is not None:
-        lview = rc.load_balanced_view(targets=engines)
     opts = Options(schedule=schedule, retries=int(retries), walltime_s=walltime_s, fast_abort=fast_abort,
                    chunksize=chunksize, ordered=ordered, star=star, progress=progress, drain_at=drain_at,
                    drain_margin_s=drain_margin_s)
@@ -100,7 +96,7 @@ def _map(schedule: str, fn, items, *, client, retries, walltime_s, chunksize, fa
         opts.journal = jr
         opts.key = key or key_function(fn)  # the function's identity, worked out once
     try:
-        res = Dispatcher(rc, fn, iterator, n_total, opts, lview=lview, engines=engines).run()
+        res = Dispatcher(rc, fn, iterator, n_total, opts, engines=engines).run()
     finally:
         if jr is not None and not isinstance(journal, Journal):
             jr.close()
