@@ -22,7 +22,7 @@ from typing import Any
 
 from . import _proc, allocation, presets
 from .errors import ClusterError, ClusterRunningError, LauncherNotFoundError, NoClusterError, StartupError
-from .launch import EnginePlan, plan_engines
+from .launch import EnginePlan, engine_cmd, plan_engines
 from .profile import default_name, ipython_dir, profile_dir, write_profile
 
 STATE_FILE = "ipmtc-cluster.json"
@@ -248,7 +248,12 @@ def start(*, preset: str | None = None, flags: Mapping[str, Any] | None = None, 
         # Slurm's pmi2 plugin: MPI_Init now and then hung ("mpi/pmi2: value not properly
         # terminated") and every killed singleton left a /dev/shm segment behind.
         engine_env = {"SLURM_MPI_TYPE": "none", "IPMTC_ENGINE_MPI": "0"} if plan.launcher == "srun" else {}
-        cluster.start_engines_sync(n=plan.n_engines, environment=engine_env)
+        if plan.launcher == "local":
+            # one process imports ipyparallel once and forks the N engines: N fresh Pythons each
+            # importing it were most of the start-up (measured: 6.6 s -> 4.5 s for 8 engines, 2 cores)
+            cluster.start_engines_sync(n=1, engine_cmd=engine_cmd(copies=plan.n_engines))
+        else:
+            cluster.start_engines_sync(n=plan.n_engines, environment=engine_env)
         client = cluster.connect_client_sync()
         last = -1
         while True:
@@ -262,8 +267,7 @@ def start(*, preset: str | None = None, flags: Mapping[str, Any] | None = None, 
                 raise StartupError(f"the controller exited during start-up ({registered}/{plan.n_engines} "
                                    f"engines registered)")
             live, started = _live_engine_processes(cluster)
-            if live == 0 or (plan.launcher == "local" and live + 0 < started and
-                             registered + live < plan.n_engines):
+            if live == 0:  # every launcher process (mpiexec, srun, the local forker) ended
                 raise StartupError(f"engine processes exited during start-up ({registered}/{plan.n_engines} "
                                    f"registered, {live}/{started} {plan.launcher} processes alive)")
             if time.monotonic() > deadline:

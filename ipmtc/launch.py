@@ -45,6 +45,11 @@ class EnginePlan:
         return f"{self.n_engines} engines on {where} via {self.launcher}"
 
 
+def engine_cmd(copies: int = 0) -> list[str]:
+    """argv of one engine process (:mod:`ipmtc.engine`); ``copies``: one process forks that many."""
+    return [sys.executable, "-m", "ipmtc.engine"] + (["--copies", str(copies)] if copies else [])
+
+
 def find_program(name: str) -> str | None:
     """``name`` on PATH, or next to this Python (a venv's ``mpiexec`` from the mpich wheel)."""
     found = shutil.which(name)

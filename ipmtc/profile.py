@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 
 from .allocation import Allocation
 from .errors import PresetError
-from .launch import EnginePlan
+from .launch import EnginePlan, engine_cmd
 from .presets import AUTO, Resolved, to_yaml
 
 PRESET_FILE = "ipmtc-preset.yaml"
@@ -87,11 +86,17 @@ def render(resolved: Resolved, plan: EnginePlan, alloc: Allocation) -> dict[str,
         "c.Cluster.delay = 0.0",
         "c.LocalEngineSetLauncher.delay = 0.0",
     ]
-    if plan.launcher != "local":
+    if plan.launcher == "local":
+        cluster_lines += [
+            "# ipmtc.engine = ipyparallel's engine with its nanny forked (`ipmtc start` also forks",
+            "# the engines from one process; ipcluster starts one process per engine)",
+            f"c.LocalEngineSetLauncher.engine_cmd = {_py(engine_cmd())}",
+        ]
+    else:
         cluster_lines += [
             f"c.MPIEngineSetLauncher.mpi_cmd = {_py(plan.mpi_cmd)}",
-            "# ipmtc.engine = ipyparallel's engine, ignoring hydra's SIGUSR1 failure notice",
-            f"c.MPIEngineSetLauncher.engine_cmd = {_py([sys.executable, '-m', 'ipmtc.engine'])}",
+            "# ipmtc.engine also ignores hydra's SIGUSR1 failure notice",
+            f"c.MPIEngineSetLauncher.engine_cmd = {_py(engine_cmd())}",
             "# keep-going flags: one engine's death must not take the others down",
             f"c.MPIEngineSetLauncher.mpi_args = {_py(plan.mpi_args)}",
         ]

@@ -50,6 +50,41 @@ def test_start_status_map_stop(start_cluster, launcher, n):
         cluster.stop(info.profile)
 
 
+def _engine_facts():
+    import os
+    import random
+
+    import psutil
+
+    me = psutil.Process()
+    return {"pid": os.getpid(), "parent": me.ppid(), "draw": random.random(),
+            "children": [" ".join(c.cmdline()) for c in me.children()]}
+
+
+def test_local_engines_are_forked_from_one_process_and_independent(start_cluster):
+    """One launcher process forks the engines and their nannies; each engine draws its own random numbers."""
+    info = start_cluster(4)
+    rc = ipmtc.connect(info.profile)
+    try:
+        facts = rc[:].apply_sync(_engine_facts)
+        assert len({f["parent"] for f in facts}) == 1  # one forking parent...
+        assert facts[0]["parent"] in info.launcher_pids  # ...which is ipyparallel's engine launcher process
+        assert len({f["draw"] for f in facts}) == 4  # random state re-seeded in every fork
+        for f in facts:  # the nanny is a fork too, not a fresh `python -m ipyparallel.engine.nanny`
+            assert len(f["children"]) == 1 and "ipyparallel.engine.nanny" not in f["children"][0]
+        victim = facts[0]["pid"]
+        nanny = [p for p in _proc.process_tree(victim) if p != victim]
+        os.kill(victim, signal.SIGKILL)  # the engine alone: its nanny must notice, report it and exit
+        deadline = time.monotonic() + 30
+        while (len(rc.ids) > 3 or any(_proc.alive(p) for p in nanny)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(rc.ids) == 3 and not any(_proc.alive(p) for p in nanny)
+        assert _proc.alive(facts[0]["parent"])  # the forking parent waits on for the others
+        assert sorted(rc[:].apply_sync(os.getpid)) == sorted(f["pid"] for f in facts[1:])
+    finally:
+        rc.close()
+
+
 def test_two_clusters_side_by_side(start_cluster):
     a = start_cluster(2, profile="alpha")
     b = start_cluster(3, profile="beta")

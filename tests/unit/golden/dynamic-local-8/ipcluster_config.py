@@ -9,3 +9,6 @@ c.Cluster.engine_timeout = 61
 # engines get the connection info through $IPP_CONNECTION_INFO: no fixed wait needed
 c.Cluster.delay = 0.0
 c.LocalEngineSetLauncher.delay = 0.0
+# ipmtc.engine = ipyparallel's engine with its nanny forked (`ipmtc start` also forks
+# the engines from one process; ipcluster starts one process per engine)
+c.LocalEngineSetLauncher.engine_cmd = ['PYTHON', '-m', 'ipmtc.engine']

@@ -10,7 +10,7 @@ c.Cluster.engine_timeout = 62
 c.Cluster.delay = 0.0
 c.LocalEngineSetLauncher.delay = 0.0
 c.MPIEngineSetLauncher.mpi_cmd = ['/usr/bin/srun']
-# ipmtc.engine = ipyparallel's engine, ignoring hydra's SIGUSR1 failure notice
+# ipmtc.engine also ignores hydra's SIGUSR1 failure notice
 c.MPIEngineSetLauncher.engine_cmd = ['PYTHON', '-m', 'ipmtc.engine']
 # keep-going flags: one engine's death must not take the others down
 c.MPIEngineSetLauncher.mpi_args = ['--nodes', '4', '--ntasks-per-node', '4', '--kill-on-bad-exit=0', '--wait=0']
