@@ -22,10 +22,15 @@ Task keys
 Storage and safety
     The driver's background thread commits finished tasks in batches (every
     ``flush_interval_s``, 0.5 s, or every ``batch`` records): one transaction
-    appends the whole batch as one row of the ``inbox`` table (its records as
-    one pickled list of plain tuples, its results each pickled on its own), WAL mode, ``synchronous=FULL``. A batch
-    costs the map about a microsecond per task; inserting task by task costs
-    several times that. The ``inbox`` is folded into the ``tasks`` table (one
+    appends rows to the ``inbox`` table, WAL mode, ``synchronous=FULL``. With
+    the default key, the engines do the per-task work: each chunk comes back
+    with its tasks' keys and pickled results in one pickle, which becomes one
+    inbox row as it is (plus a small header: engine, host, pid, attempts where
+    not 1, duplicates to skip), so the driver does no per-task journal work.
+    Other records (a user's ``key=``, failures, results plain pickle cannot
+    take) go as one row per batch (records as one pickled list of plain
+    tuples, results each pickled on its own; their keys worked out by the
+    writer thread when the journal held nothing to look up). The ``inbox`` is folded into the ``tasks`` table (one
     row per task, the key its primary key, the result pickled) in one
     transaction when the journal is closed (unless that would add more than 5%
     to a very short map; the next open or a later close does it then, or
@@ -176,7 +181,7 @@ def key_for(fid: str, item: Any) -> str:
 
 def key_function(fn: Callable) -> Callable[[Any], str]:
     """``item -> task_key(fn, item)`` with the function's identity worked out once (the maps' default key)."""
-    prefix = function_id(fn).encode() + b"\0"
+    prefix = key_prefix(fn)
 
     def key(item: Any) -> str:
         return _blake2b(prefix + _encode(item), digest_size=16).hexdigest()
@@ -186,6 +191,22 @@ def key_function(fn: Callable) -> Callable[[Any], str]:
 
 
 _blake2b = hashlib.blake2b
+
+
+def key_prefix(fn: Callable) -> bytes:
+    """What :func:`keys_for` needs to key inputs of ``fn`` (sent to the engines with each chunk)."""
+    return function_id(fn).encode() + b"\0"
+
+
+def keys_for(prefix: bytes, items: list) -> list[str | None]:
+    """``task_key`` of each input (run on the engines); None where an input cannot be keyed."""
+    out: list[str | None] = []
+    for item in items:
+        try:
+            out.append(_blake2b(prefix + _encode(item), digest_size=16).hexdigest())
+        except JournalError:
+            out.append(None)  # the driver keys it, and says what is wrong
+    return out
 
 
 def task_key(fn: Callable, item: Any) -> str:
@@ -249,6 +270,10 @@ class Journal:
         # add() appends the record first, so the writer takes len(_values) of each
         self._records: deque[Any] = deque()
         self._values: deque[Any] = deque()
+        # whole chunks as the engines made them (add_chunk): (header, pickled rows, tasks)
+        self._chunks: deque[tuple[dict, bytes, int]] = deque()
+        self._chunk_tasks = 0  # tasks queued in _chunks (approximate: wakes the writer)
+        self._items: deque[Any] = deque()  # inputs of records whose key the writer works out
         self._had_rows = False
         self._preload = True
         self._index: dict[str, tuple] | None = None  # key -> stored task, read at the first lookup
@@ -522,12 +547,19 @@ class Journal:
                 index[row[0]] = (row[2], row[3], row[5], row[6], row[7], row[8], row[9], row[10], row[11])
         return index
 
-    def add(self, rec, value: Any) -> None:
+    @property
+    def has_records(self) -> bool:
+        """Whether tasks were recorded before this journal was opened (else no lookup can hit)."""
+        return self._had_rows
+
+    def add(self, rec, value: Any, item: Any = None, key_of: Callable[[Any], str] | None = None) -> None:
         """Record a finished task (``rec`` a :class:`~ipmtc.maps.result.TaskRecord`, ``value`` None if it failed).
 
         Cheap: the record is queued; the background writer commits it within
         ``flush_interval_s``. The record must not change afterwards (the
-        dispatcher never touches a finished task's record again).
+        dispatcher never touches a finished task's record again). A record
+        without a key gets ``key_of(item)`` from the writer (off the map's path:
+        a map over a new journal looks nothing up, so it needs no key up front).
         """
         if self._closed or self.readonly:
             raise JournalError(f"journal {self.path} is {'closed' if self._closed else 'open read-only'}; "
@@ -536,6 +568,8 @@ class Journal:
             self.n_unrecorded += 1
             self._report()
             return
+        if rec.key is None:
+            self._items.append((item, key_of))
         self._records.append(rec)
         q = self._values
         q.append(value)
@@ -544,6 +578,29 @@ class Journal:
             self._wake.set()
         elif n >= MAX_PENDING:  # the writer lags far behind: write here (back-pressure)
             self._write_pending()
+
+    def add_chunk(self, pickled_rows: bytes, n: int, engine_id: int | None, host: str, pid: int,
+                  skip: list[int], overrides: dict[int, tuple[int, int]]) -> None:
+        """Record the ok tasks of one chunk as the engine pickled them (``runner._for_journal``).
+
+        ``pickled_rows`` holds (key, index, started, finished, pickled result) per task;
+        ``skip``: indices not to record (duplicates); ``overrides``: index -> (attempts,
+        resubmits) where not (1, 0). Stored as one inbox row, so a map with a journal does
+        no per-task work for it here.
+        """
+        if self._closed or self.readonly:
+            raise JournalError(f"journal {self.path} is {'closed' if self._closed else 'open read-only'}; "
+                               "cannot record tasks")
+        if self.error is not None:
+            self.n_unrecorded += n
+            self._report()
+            return
+        head = {"chunk": 1, "engine_id": engine_id, "host": host, "pid": pid, "skip": skip, "over": overrides}
+        self._chunks.append((head, pickled_rows, n))
+        self._chunk_tasks += n
+        if self._chunk_tasks >= self.batch:
+            self._chunk_tasks = 0
+            self._wake.set()
 
     def flush(self) -> None:
         """Commit everything queued now. Never raises for a failed write: see :attr:`error`."""
@@ -635,21 +692,31 @@ class Journal:
                 self._write_pending()
             except Exception as e:  # never die silently: the map goes on, the error is reported
                 if self.error is None:
-                    self.error = JournalError(self._write_error_message(e, opening=False))
+                    self.error = e if isinstance(e, JournalError) else \
+                        JournalError(self._write_error_message(e, opening=False))
             if stopping:
                 return
 
     def _write_pending(self) -> None:
-        """Commit the queued records as one inbox batch (one row, one transaction)."""
+        """Commit the queued records as one inbox batch and each queued chunk as one more (one transaction)."""
         with self._wmu:
             n = len(self._values)
-            if not n:
+            chunks = [self._chunks.popleft() for _ in range(len(self._chunks))]
+            if not n and not chunks:
                 return
             pop_r, pop_v = self._records.popleft, self._values.popleft
-            rows = [_RECORD_ROW(pop_r()) for _ in range(n)]
+            recs = [pop_r() for _ in range(n)]
+            if self._items:
+                pop_i = self._items.popleft
+                for rec in recs:
+                    if rec.key is None:
+                        item, key_of = pop_i()
+                        rec.key = key_of(item)
+            rows = list(map(_RECORD_ROW, recs))
             values = [pop_v() for _ in range(n)]
+            in_chunks = sum(c[2] for c in chunks)
             if self.error is not None:
-                self.n_unrecorded += n
+                self.n_unrecorded += n + in_chunks
                 return
             # each result pickled on its own (a lookup or the fold never has to unpickle the others)
             dumps, proto = pickle.dumps, pickle.HIGHEST_PROTOCOL
@@ -657,24 +724,26 @@ class Journal:
                 blobs = [dumps(v, protocol=proto) if row[2] == "ok" else None for row, v in zip(rows, values)]
             except Exception:  # some result cannot be pickled: record the others
                 rows, blobs = self._picklable(rows, values)
-            if not rows:
+            batches = [(len(rows), dumps(rows, protocol=proto), dumps(blobs, protocol=proto))] if rows else []
+            batches += [(k, dumps(head, protocol=proto), blob) for head, blob, k in chunks]
+            if not batches:
                 return
-            rblob, vblob = dumps(rows, protocol=proto), dumps(blobs, protocol=proto)
+            total = len(rows) + in_chunks
             now = time.time()
             conn = self._conn
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                conn.execute("INSERT INTO inbox (run, recorded, n, rows, vals) VALUES (?, ?, ?, ?, ?)",
-                             (self.run, now, len(rows), rblob, vblob))
+                conn.executemany("INSERT INTO inbox (run, recorded, n, rows, vals) VALUES (?, ?, ?, ?, ?)",
+                                 [(self.run, now, k, rblob, vblob) for k, rblob, vblob in batches])
                 conn.execute("UPDATE runs SET recorded = recorded + ?, ended = ? WHERE run = ?",
-                             (len(rows), now, self.run))
+                             (total, now, self.run))
                 conn.execute("COMMIT")
             except sqlite3.Error as e:
                 self._rollback()
-                self.n_unrecorded += len(rows)
+                self.n_unrecorded += total
                 self.error = JournalError(self._write_error_message(e, opening=False))
                 return
-            self.n_recorded += len(rows)
+            self.n_recorded += total
 
     def _picklable(self, rows: list, values: list) -> tuple[list, list]:
         keep_rows, blobs = [], []
@@ -747,9 +816,9 @@ class Journal:
     def _inbox(self, values: bool) -> dict[str, tuple]:
         """Committed records not merged yet: key -> full task row (the latest batch wins)."""
         latest: dict[str, tuple] = {}
-        cols = "run, recorded, rows, vals" if values else "run, recorded, rows, NULL"
-        for run, recorded, rblob, vblob in self._reader().execute(f"SELECT {cols} FROM inbox ORDER BY seq"):
-            for row in _task_rows(rblob, vblob, run, recorded):
+        for run, recorded, rblob, vblob in self._reader().execute(
+                "SELECT run, recorded, rows, vals FROM inbox ORDER BY seq"):
+            for row in _task_rows(rblob, vblob, run, recorded, values):
                 latest[row[0]] = row
         return latest
 
@@ -794,10 +863,21 @@ class Journal:
         return d
 
 
-def _task_rows(rblob: bytes, vblob: bytes | None, run: int, recorded: float) -> list[tuple]:
-    """Rows of the tasks table from one inbox batch (a list of plain tuples and a list of pickled results)."""
+def _task_rows(rblob: bytes, vblob: bytes | None, run: int, recorded: float, values: bool = True) -> list[tuple]:
+    """Rows of the tasks table from one inbox batch.
+
+    A batch is either the driver's (a list of plain tuples and a list of pickled
+    results) or a chunk as the engine pickled it (a header, and (key, index,
+    started, finished, pickled result) per task: see :meth:`Journal.add_chunk`).
+    """
     rows = pickle.loads(rblob)
-    if vblob is None:
+    if type(rows) is dict:
+        skip, over = set(rows["skip"]), rows["over"]
+        eid, host, pid = rows["engine_id"], rows["host"], rows["pid"]
+        return [(key, idx, "ok", *over.get(idx, (1, 0)), eid, host, pid, started, finished, None,
+                 blob if values else None, run, recorded)
+                for key, idx, started, finished, blob in pickle.loads(vblob) if idx not in skip]
+    if vblob is None or not values:
         return [row + (None, run, recorded) for row in rows]
     return [row + (blob, run, recorded) for row, blob in zip(rows, pickle.loads(vblob))]
 

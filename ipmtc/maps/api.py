@@ -86,7 +86,7 @@ def _map(schedule: str, fn, items, *, client, retries, walltime_s, chunksize, fa
                    drain_margin_s=drain_margin_s)
     jr = None
     if journal is not None:
-        from ..journal import Journal, key_function
+        from ..journal import Journal, key_function, key_prefix
 
         if isinstance(journal, Journal):
             jr = journal
@@ -95,6 +95,8 @@ def _map(schedule: str, fn, items, *, client, retries, walltime_s, chunksize, fa
             jr = Journal.open(journal, fn=fn, retry_failed=retry_failed)
         opts.journal = jr
         opts.key = key or key_function(fn)  # the function's identity, worked out once
+        if key is None:  # the default key is worked out on the engines, with the task
+            opts.key_prefix = key_prefix(fn)
     try:
         res = Dispatcher(rc, fn, iterator, n_total, opts, engines=engines).run()
     finally:

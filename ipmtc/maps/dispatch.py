@@ -20,6 +20,7 @@ scheduler round trip per chunk and a burst of all tasks at once.
 from __future__ import annotations
 
 import math
+import pickle
 import queue
 import signal
 import statistics
@@ -66,6 +67,7 @@ class Options:
     drain_at: float | None = None  # epoch: hand out no task that would end after this
     drain_margin_s: float = 30.0
     key: Callable[[Any], str] | None = None
+    key_prefix: bytes | None = None  # engines key the tasks and pickle the results for the journal
     journal: Any = None
 
 
@@ -76,6 +78,9 @@ class Dispatcher:
                  opts: Options, *, engines: list[int] | None = None):
         self.client, self.fn, self.opts = client, fn, opts
         self.source, self.n_total = source, n_total
+        # look tasks up (and key them before they run) only in a journal that holds some
+        self.lookups = opts.journal is not None and opts.key is not None and opts.journal.has_records
+        self.journal_prefix = opts.key_prefix if opts.journal is not None else None
         self.source_done = False
         self.n_taken = 0  # inputs drawn from the source so far
         self.static = opts.schedule == "static"
@@ -174,13 +179,12 @@ class Dispatcher:
             self.n_taken += 1
             self.items[index] = item
             rec = self.records[index] = TaskRecord(index=index)
-            if self.opts.key is not None:
+            if self.lookups:  # keys for recording only are worked out by the journal's writer
                 rec.key = self.opts.key(item)
-                if self.opts.journal is not None:
-                    hit = self.opts.journal.lookup(rec.key)
-                    if hit is not None:
-                        self._from_journal(index, rec, hit)
-                        continue
+                hit = self.opts.journal.lookup(rec.key)
+                if hit is not None:
+                    self._from_journal(index, rec, hit)
+                    continue
             out.append(index)
         return out
 
@@ -211,8 +215,6 @@ class Dispatcher:
     def _window(self) -> int:
         if self.static:
             return STATIC_WINDOW_PER_ENGINE
-        if self.mean_task_s is None and self.opts.chunksize == "auto":
-            return 1  # probing: the second chunk is sized once a task time is known
         if self.n_total is not None and self.n_total - self.n_taken + len(self.redo) < len(self.engines):
             # the tail: a chunk queued behind a running one could not move to the engine that
             # frees up first; one at a time lets the last tasks go where an engine is idle
@@ -250,7 +252,7 @@ class Dispatcher:
     def _submit(self, indices: list[int], target: int, speculative: bool = False) -> None:
         tasks = [(i, self.items[i]) for i in indices]
         args = (self.fn, tasks, self.opts.star, self.opts.walltime_s, self.isolate,
-                self.opts.fast_abort is not None)
+                self.opts.fast_abort is not None, self.journal_prefix)
         now = time.time()
         try:
             ar = self.client[target].apply_async(runner.RUN_CHUNK, *args)
@@ -280,7 +282,7 @@ class Dispatcher:
         ar = chunk.ar
         eid = self._engine_of(mid, chunk)
         try:
-            node, pid, rows = ar.get(timeout=0)
+            node, pid, rows, for_journal = ar.get(timeout=0)
         except Exception as e:
             ename = getattr(e, "ename", type(e).__name__)
             if ename in ("EngineError", "ImpossibleDependency", "UnmetDependency", "TaskAborted"):
@@ -294,21 +296,33 @@ class Dispatcher:
             self._forget(mid)
             return
         self._forget(mid)
+        # with a journal, the engine sent each ok result pickled, with its key, ready to store
+        blob_of = {r[1]: r[4] for r in pickle.loads(for_journal)} if for_journal else {}
+        skip: list[int] = []  # of those: rows not to record (a duplicate that lost the race)
+        over: dict[int, tuple[int, int]] = {}  # (attempts, resubmits) where not (1, 0)
         for index, status, payload, started, finished in rows:
             if index in self.finished:
+                if index in blob_of:
+                    skip.append(index)
                 continue  # a speculative duplicate lost the race: discard it
             if status == runner.OK:
+                blob = blob_of.get(index)
+                if blob is not None:
+                    payload = pickle.loads(blob)
                 rec = self.records[index]
                 rec.engine_id, rec.host, rec.pid = eid, node, pid
                 rec.started, rec.finished = started, finished
                 rec.attempts += 1
                 rec.outcome, rec.error = OK, None
                 self.finished.add(index)
-                self.items.pop(index, None)
+                item = self.items.pop(index, None)
                 self.res._set(index, payload)
                 self._learn(finished - started)
-                if self.opts.journal is not None:
-                    self.opts.journal.add(rec, payload)
+                if blob is None:
+                    if self.opts.journal is not None:
+                        self.opts.journal.add(rec, payload, item, self.opts.key)
+                elif rec.attempts != 1 or rec.resubmits:
+                    over[index] = (rec.attempts, rec.resubmits)
                 self._tick()
             elif status in (runner.RAISED, runner.WALLTIME):
                 self._charge(index, payload, eid, node, pid, started, finished,
@@ -317,6 +331,8 @@ class Dispatcher:
                 if status == runner.ABORTED and index in self.speculated:
                     continue  # its duplicate is already running elsewhere
                 self._requeue([index], eid, status)
+        if blob_of and self.opts.journal is not None:
+            self.opts.journal.add_chunk(for_journal, len(blob_of) - len(skip), eid, node, pid, skip, over)
 
     def _release(self, chunk: _Chunk) -> None:
         if chunk.target in self.per_engine:
@@ -361,7 +377,7 @@ class Dispatcher:
         self.res.failed.append(failure)
         self.res._set(index, failure)
         if record and self.opts.journal is not None:
-            self.opts.journal.add(rec, None)
+            self.opts.journal.add(rec, None, failure.item, self.opts.key)
         self._tick()
 
     def _requeue(self, indices: list[int], eid, why: str) -> None:

@@ -183,13 +183,48 @@ def _run_forked(fn: Callable, tasks: list, star: bool, walltime_s: float | None,
     return rows
 
 
+def _for_journal(prefix: bytes, tasks: list, rows: list[Row]) -> bytes:
+    """The journal's per-task work, done here: one pickle of (key, index, started, finished,
+    pickled result) for each ok row.
+
+    Those rows' payload becomes None: a result crosses the wire once, and the
+    driver stores these bytes as they are (one journal batch per chunk). Rows
+    left out (a result or input plain pickle cannot take) keep their payload and
+    are recorded by the driver the slow way.
+    """
+    from ..journal import keys_for
+
+    items = dict(tasks)
+    ok = [pos for pos, row in enumerate(rows) if row[1] == OK]
+    keys = keys_for(prefix, [items[rows[pos][0]] for pos in ok])
+    out = []
+    dumps, proto = pickle.dumps, pickle.HIGHEST_PROTOCOL
+    for pos, key in zip(ok, keys):
+        index, _, value, started, finished = rows[pos]
+        if key is None:
+            continue
+        try:
+            blob = dumps(value, protocol=proto)
+        except Exception:  # left to ipyparallel's own serialization (which may manage)
+            continue
+        out.append((key, index, started, finished, blob))
+        rows[pos] = (index, OK, None, started, finished)
+    return dumps(out, protocol=proto)
+
+
 def run_chunk(fn: Callable, tasks: list, star: bool = False, walltime_s: float | None = None,
-              isolate: bool = False, publish: bool = False) -> tuple[str, int, list[Row]]:
-    """Run ``tasks`` = [(index, item), ...]; return (node, pid, rows)."""
+              isolate: bool = False, publish: bool = False,
+              journal_prefix: bytes | None = None) -> tuple[str, int, list[Row], bytes | None]:
+    """Run ``tasks`` = [(index, item), ...]; return (node, pid, rows, journal part).
+
+    With ``journal_prefix`` the journal part is :func:`_for_journal`'s bytes; otherwise None.
+    """
     node, pid = where()
     if walltime_s is not None or isolate:
-        return node, pid, _run_forked(fn, tasks, star, walltime_s, publish)
-    return node, pid, _run_inline(fn, tasks, star, publish)
+        rows = _run_forked(fn, tasks, star, walltime_s, publish)
+    else:
+        rows = _run_inline(fn, tasks, star, publish)
+    return node, pid, rows, (None if journal_prefix is None else _for_journal(journal_prefix, tasks, rows))
 
 
 class _ChunkRunner:

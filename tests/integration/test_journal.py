@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from ipmtc.errors import JournalError
-from ipmtc.journal import Journal, key_for
+from ipmtc.journal import Journal, function_id, key_for
 from ipmtc.maps import dynamic_map, static_map
 
 N = 2000
@@ -141,6 +141,37 @@ def flaky(x, _flag=None):
     if x % 10 == 3 and not (_flag and os.path.exists(_flag)):
         raise ValueError(f"bad input {x}")
     return x + 1
+
+
+def fails_once(x, marks):
+    import os
+
+    mark = os.path.join(marks, str(x))
+    if x % 7 == 0 and not os.path.exists(mark):
+        open(mark, "w").close()
+        raise RuntimeError(f"first attempt of {x}")
+    return -x
+
+
+@pytest.mark.parametrize("schedule", [dynamic_map, static_map])
+def test_journal_rows_hold_what_ran_where(rc, tmp_path, schedule):
+    """Keys and results come pickled from the engines; attempts, engine, host and pid are right."""
+    db, marks = tmp_path / "run.db", tmp_path / "marks"
+    marks.mkdir()
+    items = [(x, str(marks)) for x in range(120)]
+    res = schedule(fails_once, items, star=True, retries=1, client=rc, journal=str(db), progress=False)
+    assert res.ok and list(res) == [-x for x in range(120)]
+    r = Journal.open(db, readonly=True)
+    rows = {row["idx"]: row for row in r.rows(values=True)}
+    r.close()
+    assert sorted(rows) == list(range(120))
+    where = {(rec.engine_id, rec.host, rec.pid) for rec in res.records}
+    for x, row in rows.items():
+        assert row["key"] == key_for(function_id(fails_once), items[x]) and row["value"] == -x
+        assert row["attempts"] == (2 if x % 7 == 0 else 1)
+        assert (row["engine_id"], row["host"], row["pid"]) in where
+    again = schedule(fails_once, items, star=True, client=rc, journal=str(db), progress=False)
+    assert again.journal_hits == 120 and list(again) == list(res)
 
 
 def test_failed_tasks_stay_failed_until_retry_failed(rc, tmp_path):

@@ -180,6 +180,38 @@ def test_unmerged_inbox_is_read_everywhere(tmp_path, monkeypatch):
     con.close()
 
 
+def test_chunks_pickled_by_engines_are_stored_as_they_came(tmp_path, monkeypatch):
+    """add_chunk: one inbox row per chunk; duplicates skipped, attempts kept; folded like any batch."""
+    from ipmtc.maps import runner
+
+    tasks = [(i, i) for i in range(5)]
+    rows = [(i, runner.OK, i * i, 100.0 + i, 101.0 + i) for i in range(5)]
+    blob = runner._for_journal(J.key_prefix(square), tasks, rows)
+    assert all(r[2] is None for r in rows)  # each result travels once: inside the journal's pickle
+    db = tmp_path / "run.db"
+    monkeypatch.setattr(J, "MERGE_ALWAYS", 0)
+    monkeypatch.setattr(J, "MERGE_COST_S", 1.0)  # keep the chunk in the inbox for the first reader
+    with Journal.open(db, fn=square) as j:
+        j.add_chunk(blob, 4, 3, "node7", 4242, skip=[2], overrides={4: (2, 1)})
+        j.add(rec(9), 81)  # a record the driver made, in the same journal
+    r = Journal.open(db, readonly=True)
+    got = {row["idx"]: row for row in r.rows(values=True)}
+    r.close()
+    assert sorted(got) == [0, 1, 3, 4, 9]
+    for i in (0, 1, 3, 4):
+        row = got[i]
+        assert row["key"] == task_key(square, i) and row["value"] == i * i and row["outcome"] == "ok"
+        assert (row["engine_id"], row["host"], row["pid"], row["started"]) == (3, "node7", 4242, 100.0 + i)
+        assert (row["attempts"], row["resubmits"]) == ((2, 1) if i == 4 else (1, 0))
+    with Journal.open(db, fn=square) as j:  # lookups see it; the fold moves it into the tasks table
+        assert j.lookup(task_key(square, 3))[0] == 9 and j.lookup(task_key(square, 2)) is None
+        j.compact()
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT count(*) FROM inbox").fetchone() == (0,)
+    assert con.execute("SELECT count(*) FROM tasks").fetchone() == (5,)
+    con.close()
+
+
 def test_user_keys_and_batches_by_size(tmp_path):
     db = tmp_path / "run.db"
     with Journal.open(db, fn=square, batch=100, flush_interval_s=60) as j:
