@@ -24,7 +24,7 @@ Storage and safety
     ``flush_interval_s``, 0.5 s, or every ``batch`` records): one transaction
     appends rows to the ``inbox`` table, WAL mode, ``synchronous=FULL``. With
     the default key, the engines do the per-task work: each chunk comes back
-    with its tasks' keys and pickled results in one pickle, which becomes one
+    with its tasks' keys and results in one pickle, which becomes one
     inbox row as it is (plus a small header: engine, host, pid, attempts where
     not 1, duplicates to skip), so the driver does no per-task journal work.
     Other records (a user's ``key=``, failures, results plain pickle cannot
@@ -201,11 +201,17 @@ def key_prefix(fn: Callable) -> bytes:
 def keys_for(prefix: bytes, items: list) -> list[str | None]:
     """``task_key`` of each input (run on the engines); None where an input cannot be keyed."""
     out: list[str | None] = []
+    blake = _blake2b
     for item in items:
-        try:
-            out.append(_blake2b(prefix + _encode(item), digest_size=16).hexdigest())
-        except JournalError:
-            out.append(None)  # the driver keys it, and says what is wrong
+        if type(item) is int:  # the commonest input, encoded inline (as _encode does)
+            enc = b"i%d;" % item
+        else:
+            try:
+                enc = _encode(item)
+            except JournalError:
+                out.append(None)  # the driver keys it, and says what is wrong
+                continue
+        out.append(blake(prefix + enc, digest_size=16).hexdigest())
     return out
 
 
@@ -583,7 +589,7 @@ class Journal:
                   skip: list[int], overrides: dict[int, tuple[int, int]]) -> None:
         """Record the ok tasks of one chunk as the engine pickled them (``runner._for_journal``).
 
-        ``pickled_rows`` holds (key, index, started, finished, pickled result) per task;
+        ``pickled_rows`` holds (key, index, started, finished, result) per task;
         ``skip``: indices not to record (duplicates); ``overrides``: index -> (attempts,
         resubmits) where not (1, 0). Stored as one inbox row, so a map with a journal does
         no per-task work for it here.
@@ -868,15 +874,17 @@ def _task_rows(rblob: bytes, vblob: bytes | None, run: int, recorded: float, val
 
     A batch is either the driver's (a list of plain tuples and a list of pickled
     results) or a chunk as the engine pickled it (a header, and (key, index,
-    started, finished, pickled result) per task: see :meth:`Journal.add_chunk`).
+    started, finished, result) per task: see :meth:`Journal.add_chunk`); its
+    results are pickled one by one here, as the tasks table stores them.
     """
     rows = pickle.loads(rblob)
     if type(rows) is dict:
         skip, over = set(rows["skip"]), rows["over"]
         eid, host, pid = rows["engine_id"], rows["host"], rows["pid"]
+        dumps, proto = pickle.dumps, pickle.HIGHEST_PROTOCOL
         return [(key, idx, "ok", *over.get(idx, (1, 0)), eid, host, pid, started, finished, None,
-                 blob if values else None, run, recorded)
-                for key, idx, started, finished, blob in pickle.loads(vblob) if idx not in skip]
+                 dumps(value, protocol=proto) if values else None, run, recorded)
+                for key, idx, started, finished, value in pickle.loads(vblob) if idx not in skip]
     if vblob is None or not values:
         return [row + (None, run, recorded) for row in rows]
     return [row + (blob, run, recorded) for row, blob in zip(rows, pickle.loads(vblob))]

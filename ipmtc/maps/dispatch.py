@@ -296,19 +296,19 @@ class Dispatcher:
             self._forget(mid)
             return
         self._forget(mid)
-        # with a journal, the engine sent each ok result pickled, with its key, ready to store
-        blob_of = {r[1]: r[4] for r in pickle.loads(for_journal)} if for_journal else {}
+        # with a journal, the engine sent the ok results in one pickle, with their keys, ready to store
+        value_of = {r[1]: r[4] for r in pickle.loads(for_journal)} if for_journal else {}
         skip: list[int] = []  # of those: rows not to record (a duplicate that lost the race)
         over: dict[int, tuple[int, int]] = {}  # (attempts, resubmits) where not (1, 0)
         for index, status, payload, started, finished in rows:
             if index in self.finished:
-                if index in blob_of:
+                if index in value_of:
                     skip.append(index)
                 continue  # a speculative duplicate lost the race: discard it
             if status == runner.OK:
-                blob = blob_of.get(index)
-                if blob is not None:
-                    payload = pickle.loads(blob)
+                in_chunk = index in value_of
+                if in_chunk:
+                    payload = value_of[index]
                 rec = self.records[index]
                 rec.engine_id, rec.host, rec.pid = eid, node, pid
                 rec.started, rec.finished = started, finished
@@ -318,7 +318,7 @@ class Dispatcher:
                 item = self.items.pop(index, None)
                 self.res._set(index, payload)
                 self._learn(finished - started)
-                if blob is None:
+                if not in_chunk:
                     if self.opts.journal is not None:
                         self.opts.journal.add(rec, payload, item, self.opts.key)
                 elif rec.attempts != 1 or rec.resubmits:
@@ -331,8 +331,8 @@ class Dispatcher:
                 if status == runner.ABORTED and index in self.speculated:
                     continue  # its duplicate is already running elsewhere
                 self._requeue([index], eid, status)
-        if blob_of and self.opts.journal is not None:
-            self.opts.journal.add_chunk(for_journal, len(blob_of) - len(skip), eid, node, pid, skip, over)
+        if value_of and self.opts.journal is not None:
+            self.opts.journal.add_chunk(for_journal, len(value_of) - len(skip), eid, node, pid, skip, over)
 
     def _release(self, chunk: _Chunk) -> None:
         if chunk.target in self.per_engine:

@@ -185,31 +185,40 @@ def _run_forked(fn: Callable, tasks: list, star: bool, walltime_s: float | None,
 
 def _for_journal(prefix: bytes, tasks: list, rows: list[Row]) -> bytes:
     """The journal's per-task work, done here: one pickle of (key, index, started, finished,
-    pickled result) for each ok row.
+    result) for the ok rows.
 
-    Those rows' payload becomes None: a result crosses the wire once, and the
-    driver stores these bytes as they are (one journal batch per chunk). Rows
-    left out (a result or input plain pickle cannot take) keep their payload and
-    are recorded by the driver the slow way.
+    Those rows' payload becomes None: a result crosses the wire once, the driver
+    unpickles a chunk's results in one call and stores these bytes as they are
+    (one journal batch per chunk). Rows left out (an input that cannot be keyed,
+    a result plain pickle cannot take) keep their payload and are recorded by the
+    driver the slow way.
     """
     from ..journal import keys_for
 
     items = dict(tasks)
     ok = [pos for pos, row in enumerate(rows) if row[1] == OK]
     keys = keys_for(prefix, [items[rows[pos][0]] for pos in ok])
-    out = []
+    out = [(key, rows[pos][0], rows[pos][3], rows[pos][4], rows[pos][2]) for pos, key in zip(ok, keys)
+           if key is not None]
     dumps, proto = pickle.dumps, pickle.HIGHEST_PROTOCOL
-    for pos, key in zip(ok, keys):
-        index, _, value, started, finished = rows[pos]
-        if key is None:
-            continue
-        try:
-            blob = dumps(value, protocol=proto)
-        except Exception:  # left to ipyparallel's own serialization (which may manage)
-            continue
-        out.append((key, index, started, finished, blob))
-        rows[pos] = (index, OK, None, started, finished)
-    return dumps(out, protocol=proto)
+    try:
+        blob = dumps(out, protocol=proto)
+    except Exception:  # some result plain pickle cannot take: leave those to ipyparallel
+        keep = []
+        for entry in out:
+            try:
+                dumps(entry[4], protocol=proto)
+                keep.append(entry)
+            except Exception:
+                pass
+        out = keep
+        blob = dumps(out, protocol=proto)
+    sent = {entry[1] for entry in out}
+    for pos in ok:
+        index, _, _, started, finished = rows[pos]
+        if index in sent:
+            rows[pos] = (index, OK, None, started, finished)
+    return blob
 
 
 def run_chunk(fn: Callable, tasks: list, star: bool = False, walltime_s: float | None = None,

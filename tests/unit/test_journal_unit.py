@@ -180,6 +180,14 @@ def test_unmerged_inbox_is_read_everywhere(tmp_path, monkeypatch):
     con.close()
 
 
+def test_engines_key_inputs_as_the_driver_does():
+    """keys_for (run on the engines, with a fast path for ints) gives task_key's keys; bool is not int."""
+    items = [0, 1, -5, 10**30, True, False, 2.5, "a", b"a", None, (1, "x"), [1, 2], {"b": 1, "a": 2}, {3, 1}]
+    assert J.keys_for(J.key_prefix(square), items) == [task_key(square, x) for x in items]
+    assert len(set(J.keys_for(J.key_prefix(square), [1, True, 1.0]))) == 3
+    assert J.keys_for(J.key_prefix(square), [lambda: 0]) == [None]  # cannot be keyed: the driver says why
+
+
 def test_chunks_pickled_by_engines_are_stored_as_they_came(tmp_path, monkeypatch):
     """add_chunk: one inbox row per chunk; duplicates skipped, attempts kept; folded like any batch."""
     from ipmtc.maps import runner
