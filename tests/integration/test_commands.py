@@ -108,6 +108,10 @@ def _journal_counts(db: Path) -> dict[str, int]:
         r.close()
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_midway(argv, env, cwd, db: Path, sig: int, at_least: int) -> subprocess.CompletedProcess:
     """Start ``ipmtc run``, send ``sig`` once the journal holds ``at_least`` more records.
 
@@ -115,7 +119,10 @@ def _interrupt_midway(argv, env, cwd, db: Path, sig: int, at_least: int) -> subp
     have finished by the time they show; three interrupts must still leave work for the last run.
     """
     before = sum(_journal_counts(db).values())
-    p = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as at a terminal: a test runner started in the background of a non-interactive shell
+    # hands its children SIGINT ignored, and Python keeps it ignored (as ipmtc run then rightly does)
+    p = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 90
         while p.poll() is None and time.monotonic() < deadline:
