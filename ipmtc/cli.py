@@ -1,8 +1,9 @@
 """The ``ipmtc`` command: a thin click layer over the library.
 
-An :class:`IpmtcError` becomes one line on stderr and exit status 1 (2 for
-usage errors, as click does); anything else keeps its traceback because it
-is a bug.
+An :class:`IpmtcError` becomes one line on stderr and exit status 1; a usage
+error (bad flag value, missing argument) one line and exit status 2, as click
+gives it but without the usage block; anything else keeps its traceback
+because it is a bug.
 """
 from __future__ import annotations
 
@@ -39,7 +40,26 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineGroup(click.Group):
+    """Click's own usage errors (a bad flag value, a missing argument) as one line too, exit status 2."""
+
+    def main(self, args=None, prog_name=None, **kwargs):
+        try:
+            rv = super().main(args, prog_name, standalone_mode=False, **kwargs)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "ipmtc"
+            click.echo(f"ipmtc: error: {e.format_message()} (see `{where} --help`)", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("ipmtc: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ipmtc")
 def main() -> None:
     """Many-task computing on HPC clusters with IPython Parallel."""
@@ -213,9 +233,11 @@ def demo(engines, tasks):
 @click.option("--journal", "journal_path", type=click.Path(dir_okay=False, path_type=str),
               help="task journal; done lines are skipped on a rerun (default: TASKS.txt.journal.db)")
 @click.option("--retry-failed", is_flag=True, help="also rerun the lines the journal records as failed")
+@click.option("--drain-margin-s", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="inside a batch job, start no command that would not end this long before the job does")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 @_fail_cleanly
-def run(tasks_file, profile, outdir, retries, walltime_s, journal_path, retry_failed, no_progress):
+def run(tasks_file, profile, outdir, retries, walltime_s, journal_path, retry_failed, drain_margin_s, no_progress):
     """Run a file of shell commands (one per line) over the cluster's engines.
 
     Blank lines and # comments are skipped. A non-zero exit status is a failure.
@@ -246,7 +268,8 @@ def run(tasks_file, profile, outdir, retries, walltime_s, journal_path, retry_fa
         n_engines = len(rc.ids)
         try:
             res = _commands.run_commands(tasks, client=rc, outdir=outdir, retries=retries, walltime_s=walltime_s,
-                                         journal=jr, retry_failed=retry_failed, progress=not no_progress)
+                                         journal=jr, retry_failed=retry_failed, progress=not no_progress,
+                                         drain_margin_s=drain_margin_s)
         except IpmtcError as e:
             if getattr(e, "result", None) is None:
                 raise

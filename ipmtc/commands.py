@@ -205,7 +205,7 @@ def run_command(task: tuple) -> dict[str, Any]:
 
 def run_commands(commands: Sequence[Any], *, client=None, outdir: str | os.PathLike, retries: int = 0,
                  walltime_s: float | None = None, journal=None, retry_failed: bool = False,
-                 progress: bool = True, cwd: str | os.PathLike | None = None):
+                 progress: bool = True, cwd: str | os.PathLike | None = None, drain_margin_s: float = 30.0):
     """Run shell command lines over the cluster's engines; returns the :class:`~ipmtc.MapResult`.
 
     ``commands``: command strings (numbered 1, 2, ...) or ``(line, command)``
@@ -214,7 +214,9 @@ def run_commands(commands: Sequence[Any], *, client=None, outdir: str | os.PathL
     ``journal``: path or :class:`~ipmtc.journal.Journal`; lines recorded as
     done are skipped (``retry_failed=True`` reruns the failed ones too). If the
     journal cannot be written during the run, :class:`JournalError` is raised
-    at the end with the finished run's result in its ``.result``.
+    at the end with the finished run's result in its ``.result``. Inside a batch
+    job no command is started that would not end ``drain_margin_s`` before the
+    job does (judged by the median command time); those lines stay undone.
     """
     from .journal import Journal
     from .maps import dynamic_map
@@ -239,7 +241,7 @@ def run_commands(commands: Sequence[Any], *, client=None, outdir: str | os.PathL
             own = True
     try:
         res = dynamic_map(run_command, items, client=client, retries=retries, progress=progress, journal=jr,
-                          key=command_key, retry_failed=retry_failed)
+                          key=command_key, retry_failed=retry_failed, drain_margin_s=drain_margin_s)
         if jr is not None:
             jr.flush()
     except KeyboardInterrupt:

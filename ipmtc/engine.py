@@ -22,7 +22,9 @@ Local engines (``--copies N``): ipyparallel's local launcher starts this module
 once; it imports ipyparallel's engine once and forks the N engines, then waits
 for them like mpiexec would (forwarding TERM/INT/HUP; one engine's death leaves
 the others running). Measured with 8 engines on 2 cores: N fresh Pythons each
-importing ipyparallel (~0.5 s of CPU apiece) were most of the start-up.
+importing ipyparallel (~0.5 s of CPU apiece) were most of the start-up. Only
+ipyparallel is imported before the fork: Python re-seeds ``random`` in each
+child, and numpy or the user's modules are first imported by each engine.
 
 Every engine (local, MPI, srun) also gets its nanny -- ipyparallel's per-engine
 helper that relays signals and reports the engine's death at once -- from a

@@ -54,10 +54,11 @@ def _engine_facts():
     import os
     import random
 
+    import numpy
     import psutil
 
     me = psutil.Process()
-    return {"pid": os.getpid(), "parent": me.ppid(), "draw": random.random(),
+    return {"pid": os.getpid(), "parent": me.ppid(), "draw": (random.random(), numpy.random.random()),
             "children": [" ".join(c.cmdline()) for c in me.children()]}
 
 
@@ -69,7 +70,8 @@ def test_local_engines_are_forked_from_one_process_and_independent(start_cluster
         facts = rc[:].apply_sync(_engine_facts)
         assert len({f["parent"] for f in facts}) == 1  # one forking parent...
         assert facts[0]["parent"] in info.launcher_pids  # ...which is ipyparallel's engine launcher process
-        assert len({f["draw"] for f in facts}) == 4  # random state re-seeded in every fork
+        # every fork draws its own numbers (Python re-seeds `random`; numpy is first imported after the fork)
+        assert len({f["draw"][0] for f in facts}) == 4 and len({f["draw"][1] for f in facts}) == 4
         for f in facts:  # the nanny is a fork too, not a fresh `python -m ipyparallel.engine.nanny`
             assert len(f["children"]) == 1 and "ipyparallel.engine.nanny" not in f["children"][0]
         victim = facts[0]["pid"]

@@ -204,6 +204,32 @@ def test_bad_input(table_results, case: Case) -> None:
     assert cp.returncode == 1  # IpmtcError, not a usage error (2) or a crash
 
 
+USAGE_ERRORS = [
+    (["run", "tasks.txt", "--drain-margin-s", "-1"], "'--drain-margin-s': -1.0 is not in the range x>=0"),
+    (["run", "tasks.txt", "--walltime-s", "0"], "'--walltime-s'"),
+    (["run", "tasks.txt", "--retries", "-2"], "'--retries'"),
+    (["run"], "Missing argument 'TASKS.txt'"),
+    (["start", "--engines", "many"], "'--engines': 'many' is not a valid integer"),
+    (["start", "--launcher", "ssh"], "'--launcher'"),
+    (["stop", "--no-such-flag"], "No such option '--no-such-flag'"),
+    (["no-such-command"], "No such command 'no-such-command'"),
+]
+
+
+@pytest.mark.parametrize("args,fragment", USAGE_ERRORS, ids=[" ".join(a) for a, _ in USAGE_ERRORS])
+def test_usage_errors_are_one_line(ipython_dir, args, fragment) -> None:
+    """A bad flag value or a missing argument: one line naming it and where the help is, exit status 2."""
+    cp = ipmtc(args, ipython_dir)
+    line = _assert_one_error_line(cp, fragment, "--help")
+    assert cp.returncode == 2 and line.startswith("ipmtc: error: ")
+
+
+def test_help_and_version_exit_0(ipython_dir) -> None:
+    for args in (["--help"], ["run", "--help"], ["--version"]):
+        cp = ipmtc(args, ipython_dir)
+        assert cp.returncode == 0 and cp.stdout and not cp.stderr, (args, cp.stderr)
+
+
 # --------------------------------------------------------------------------- states
 
 
