@@ -86,7 +86,8 @@ def _map(schedule: str, fn, items, *, client, retries, walltime_s, chunksize, fa
                    drain_margin_s=drain_margin_s)
     jr = None
     if journal is not None:
-        from ..journal import Journal, key_function, key_prefix
+        from ..journal import Journal
+        from ..keys import key_function, key_prefix
 
         if isinstance(journal, Journal):
             jr = journal

@@ -193,7 +193,7 @@ def _for_journal(prefix: bytes, tasks: list, rows: list[Row]) -> bytes:
     a result plain pickle cannot take) keep their payload and are recorded by the
     driver the slow way.
     """
-    from ..journal import keys_for
+    from ..keys import keys_for
 
     items = dict(tasks)
     ok = [pos for pos, row in enumerate(rows) if row[1] == OK]

@@ -1,0 +1,125 @@
+"""Task keys: what identifies a task in a journal, the same in every process.
+
+A key is a 128-bit blake2b hash of the function's identity (module + qualified
+name, :func:`function_id`) and a canonical encoding of the input (:func:`_encode`).
+The maps' default key is worked out on the engines (:func:`keys_for`, called by
+the chunk runner) or in the driver (:func:`key_function`); both give
+:func:`task_key`'s result. Kept apart from the journal's storage so that the
+engines import only this (no sqlite).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import pickle
+from collections.abc import Callable
+from typing import Any
+
+from .errors import JournalError
+
+def function_id(fn: Callable) -> str:
+    """``module:qualname`` of a function, method, callable object or ``functools.partial``."""
+    if isinstance(fn, functools.partial):
+        inner = function_id(fn.func)
+        try:
+            bound = _encode((fn.args, fn.keywords))
+        except JournalError:
+            bound = repr((fn.args, fn.keywords)).encode()
+        return f"{inner}+partial:{hashlib.blake2b(bound, digest_size=8).hexdigest()}"
+    qual = getattr(fn, "__qualname__", None)
+    if qual is None:  # a callable object: its class names it
+        qual = type(fn).__qualname__
+        mod = type(fn).__module__
+    else:
+        mod = getattr(fn, "__module__", None) or "__main__"
+    return f"{mod}:{qual}"
+
+
+def _encode(obj: Any) -> bytes:
+    """Canonical bytes of a task input: equal inputs give equal bytes in any process."""
+    t = type(obj)
+    if t is int:
+        return b"i%d;" % obj
+    if t is str:
+        b = obj.encode("utf-8", "surrogatepass")
+        return b"s%d:" % len(b) + b
+    if t is tuple:
+        return b"(" + b"".join(_encode(x) for x in obj) + b")"
+    if t is float:
+        return b"f" + repr(obj).encode() + b";"
+    if obj is None:
+        return b"N"
+    if t is bool:
+        return b"T" if obj else b"F"
+    if t is bytes:
+        return b"b%d:" % len(obj) + obj
+    if t is list:
+        return b"[" + b"".join(_encode(x) for x in obj) + b"]"
+    if t is dict:
+        return b"{" + b"".join(sorted(_encode(k) + _encode(v) for k, v in obj.items())) + b"}"
+    if t is set or t is frozenset:
+        return b"<" + b"".join(sorted(_encode(x) for x in obj)) + b">"
+    try:
+        data = pickle.dumps(obj, protocol=4)
+    except Exception as e:
+        raise JournalError(f"cannot make a journal key for the task input {obj!r:.80} ({type(e).__name__}: "
+                           f"{e}); pass key=... to name tasks yourself") from None
+    return b"p%d:" % len(data) + data
+
+
+def key_for(fid: str, item: Any) -> str:
+    """The key of input ``item`` in a map of the function whose :func:`function_id` is ``fid``."""
+    return _blake2b(fid.encode() + b"\0" + _encode(item), digest_size=16).hexdigest()
+
+
+def key_function(fn: Callable) -> Callable[[Any], str]:
+    """``item -> task_key(fn, item)`` with the function's identity worked out once (the maps' default key)."""
+    prefix = key_prefix(fn)
+
+    def key(item: Any) -> str:
+        return _blake2b(prefix + _encode(item), digest_size=16).hexdigest()
+
+    key.__qualname__ = f"task_key[{function_id(fn)}]"
+    return key
+
+
+_blake2b = hashlib.blake2b
+
+
+def key_prefix(fn: Callable) -> bytes:
+    """What :func:`keys_for` needs to key inputs of ``fn`` (sent to the engines with each chunk)."""
+    return function_id(fn).encode() + b"\0"
+
+
+def keys_for(prefix: bytes, items: list) -> list[str | None]:
+    """``task_key`` of each input (run on the engines); None where an input cannot be keyed."""
+    out: list[str | None] = []
+    blake = _blake2b
+    for item in items:
+        if type(item) is int:  # the commonest input, encoded inline (as _encode does)
+            enc = b"i%d;" % item
+        else:
+            try:
+                enc = _encode(item)
+            except JournalError:
+                out.append(None)  # the driver keys it, and says what is wrong
+                continue
+        out.append(blake(prefix + enc, digest_size=16).hexdigest())
+    return out
+
+
+def task_key(fn: Callable, item: Any) -> str:
+    """Stable key of one task: a 128-bit hash of ``fn``'s module + qualified name and of the input.
+
+    The function's *code* is not part of the key: a changed function reuses the
+    results its older version recorded. Use a new journal (or ``key=``) after
+    changing what the function computes.
+    """
+    global _last_prefix
+    last = _last_prefix  # the maps call this once per input with the same fn: its identity is cached
+    if last[0] is not fn:
+        last = _last_prefix = (fn, function_id(fn).encode() + b"\0")
+    return _blake2b(last[1] + _encode(item), digest_size=16).hexdigest()
+
+
+_last_prefix: tuple[Any, bytes] = (None, b"")
