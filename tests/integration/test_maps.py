@@ -182,6 +182,7 @@ def test_hundred_thousand_tasks_in_bounded_client_memory(rc):
     ipmtc.dynamic_map(noop, range(20_000), client=rc, progress=False)  # warm up
     gc.collect()
     before = proc.memory_info().rss
+    h0 = len(rc.history)
     res = ipmtc.dynamic_map(noop, (i for i in range(100_000)), client=rc, progress=False)
     assert len(res) == 100_000 and res[99_999] == 99_999
     del res
@@ -190,6 +191,13 @@ def test_hundred_thousand_tasks_in_bounded_client_memory(rc):
     # results and records of 100k tasks are handed back; the client's own caches are purged
     assert len(rc.results) < 100 and len(rc.metadata) < 100
     assert growth < 80 * 2**20, f"client RSS grew by {growth / 2**20:.0f} MiB"
+    # the hub forgets them too (its purges are sent without waiting: give the last one a moment)
+    sent = set(rc.history[h0:])  # this map's chunks
+    assert sent
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(sent & set(rc.hub_history())) > 0:
+        time.sleep(0.1)
+    assert not sent & set(rc.hub_history())
 
 
 def slow_flaky(x):
