@@ -405,15 +405,13 @@ class Dispatcher:
             return
         ids, self.to_purge = self.to_purge, []
         try:
-            # sent without waiting for the hub's answer (purge_hub_results would block the map
-            # for a hub round trip each time, the last one inside every map's wall time)
-            self.client._send(self.client._query_stream, "purge_request",
-                              content={"engine_ids": [], "msg_ids": ids})
-        except AttributeError:  # another ipyparallel: its public, blocking call
-            try:
+            # sent without waiting for the hub's answer: purge_hub_results would block the map
+            # for a hub round trip each time, the last one inside every map's wall time
+            if hasattr(self.client, "_send") and hasattr(self.client, "_query_stream"):
+                self.client._send(self.client._query_stream, "purge_request",
+                                  content={"engine_ids": [], "msg_ids": ids})
+            else:  # another ipyparallel: its public, blocking call
                 self.client.purge_hub_results(jobs=ids)
-            except Exception:
-                pass
         except Exception:  # NoDB keeps nothing to purge; a busy hub is not worth failing for
             pass
 
