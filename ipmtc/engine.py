@@ -36,6 +36,7 @@ import os
 import pickle
 import signal
 import sys
+from typing import NoReturn
 
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -68,14 +69,12 @@ class _NannyFork:
 
         cmd_r, self._cmd_w = os.pipe()
         self._out_r, out_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the waiting nanny
+        if os.fork() == 0:  # the waiting nanny
             os.close(self._cmd_w)
             os.close(self._out_r)
             self._serve(nanny, cmd_r, out_w)
         os.close(cmd_r)
         os.close(out_w)
-        self.pid = pid
         self._handle = None
 
     @staticmethod
@@ -112,7 +111,7 @@ class _NannyFork:
         return url, self._handle
 
 
-def _wait_all(children: set[int]) -> None:
+def _wait_all(children: set[int]) -> NoReturn:
     """Forward TERM/INT/HUP to the children, reap them, and exit with a plain status."""
 
     def forward(signum: int, _frame: object) -> None:
@@ -158,7 +157,6 @@ def _fork_copies(n: int) -> int:
             return i
         children.add(pid)
     _wait_all(children)
-    raise AssertionError("unreachable")
 
 
 def _pop_copies(argv: list[str]) -> int:

@@ -455,12 +455,7 @@ class Journal:
         without a key gets ``key_of(item)`` from the writer (off the map's path:
         a map over a new journal looks nothing up, so it needs no key up front).
         """
-        if self._closed or self.readonly:
-            raise JournalError(f"journal {self.path} is {'closed' if self._closed else 'open read-only'}; "
-                               "cannot record tasks")
-        if self.error is not None:
-            self.n_unrecorded += 1
-            self._report()
+        if not self._accepting(1):
             return
         if rec.key is None:
             self._items.append((item, key_of))
@@ -482,12 +477,7 @@ class Journal:
         resubmits) where not (1, 0). Stored as one inbox row, so a map with a journal does
         no per-task work for it here.
         """
-        if self._closed or self.readonly:
-            raise JournalError(f"journal {self.path} is {'closed' if self._closed else 'open read-only'}; "
-                               "cannot record tasks")
-        if self.error is not None:
-            self.n_unrecorded += n
-            self._report()
+        if not self._accepting(n):
             return
         head = {"chunk": 1, "engine_id": engine_id, "host": host, "pid": pid, "skip": skip, "over": overrides}
         self._chunks.append((head, pickled_rows, n))
@@ -495,6 +485,17 @@ class Journal:
         if self._chunk_tasks >= self.batch:
             self._chunk_tasks = 0
             self._wake.set()
+
+    def _accepting(self, n: int) -> bool:
+        """False (the ``n`` tasks counted as unrecorded) once writing failed; raises if closed/read-only."""
+        if self._closed or self.readonly:
+            raise JournalError(f"journal {self.path} is {'closed' if self._closed else 'open read-only'}; "
+                               "cannot record tasks")
+        if self.error is not None:
+            self.n_unrecorded += n
+            self._report()
+            return False
+        return True
 
     def flush(self) -> None:
         """Commit everything queued now. Never raises for a failed write: see :attr:`error`."""

@@ -67,45 +67,22 @@ def _encode(obj: Any) -> bytes:
     return b"p%d:" % len(data) + data
 
 
-def key_for(fid: str, item: Any) -> str:
-    """The key of input ``item`` in a map of the function whose :func:`function_id` is ``fid``."""
-    return _blake2b(fid.encode() + b"\0" + _encode(item), digest_size=16).hexdigest()
+def _hash(prefix: bytes, enc: bytes) -> str:
+    return hashlib.blake2b(prefix + enc, digest_size=16).hexdigest()
 
 
-def key_function(fn: Callable) -> Callable[[Any], str]:
-    """``item -> task_key(fn, item)`` with the function's identity worked out once (the maps' default key)."""
-    prefix = key_prefix(fn)
-
-    def key(item: Any) -> str:
-        return _blake2b(prefix + _encode(item), digest_size=16).hexdigest()
-
-    key.__qualname__ = f"task_key[{function_id(fn)}]"
-    return key
-
-
-_blake2b = hashlib.blake2b
+def _prefix(fid: str) -> bytes:
+    return fid.encode() + b"\0"
 
 
 def key_prefix(fn: Callable) -> bytes:
     """What :func:`keys_for` needs to key inputs of ``fn`` (sent to the engines with each chunk)."""
-    return function_id(fn).encode() + b"\0"
+    return _prefix(function_id(fn))
 
 
-def keys_for(prefix: bytes, items: list) -> list[str | None]:
-    """``task_key`` of each input (run on the engines); None where an input cannot be keyed."""
-    out: list[str | None] = []
-    blake = _blake2b
-    for item in items:
-        if type(item) is int:  # the commonest input, encoded inline (as _encode does)
-            enc = b"i%d;" % item
-        else:
-            try:
-                enc = _encode(item)
-            except JournalError:
-                out.append(None)  # the driver keys it, and says what is wrong
-                continue
-        out.append(blake(prefix + enc, digest_size=16).hexdigest())
-    return out
+def key_for(fid: str, item: Any) -> str:
+    """The key of input ``item`` in a map of the function whose :func:`function_id` is ``fid``."""
+    return _hash(_prefix(fid), _encode(item))
 
 
 def task_key(fn: Callable, item: Any) -> str:
@@ -115,11 +92,31 @@ def task_key(fn: Callable, item: Any) -> str:
     results its older version recorded. Use a new journal (or ``key=``) after
     changing what the function computes.
     """
-    global _last_prefix
-    last = _last_prefix  # the maps call this once per input with the same fn: its identity is cached
-    if last[0] is not fn:
-        last = _last_prefix = (fn, function_id(fn).encode() + b"\0")
-    return _blake2b(last[1] + _encode(item), digest_size=16).hexdigest()
+    return _hash(key_prefix(fn), _encode(item))
 
 
-_last_prefix: tuple[Any, bytes] = (None, b"")
+def key_function(fn: Callable) -> Callable[[Any], str]:
+    """``item -> task_key(fn, item)`` with the function's identity worked out once (the maps' default key)."""
+    prefix = key_prefix(fn)
+
+    def key(item: Any) -> str:
+        return _hash(prefix, _encode(item))
+
+    key.__qualname__ = f"task_key[{function_id(fn)}]"
+    return key
+
+
+def keys_for(prefix: bytes, items: list) -> list[str | None]:
+    """``task_key`` of each input (run on the engines); None where an input cannot be keyed."""
+    out: list[str | None] = []
+    for item in items:
+        if type(item) is int:  # the commonest input, encoded inline (as _encode does)
+            enc = b"i%d;" % item
+        else:
+            try:
+                enc = _encode(item)
+            except JournalError:
+                out.append(None)  # the driver keys it, and says what is wrong
+                continue
+        out.append(_hash(prefix, enc))
+    return out
