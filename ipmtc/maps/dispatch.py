@@ -16,6 +16,11 @@ never idles for a round trip) and sends the next one to whichever engine has
 the fewest. Measured here (weak scaling, 0.3 s tasks, 32 engines on 2 cores),
 this beat submitting to the load-balanced view with hwm=1, which costs a
 scheduler round trip per chunk and a burst of all tasks at once.
+
+``dynamic`` sends its chunks over the client's :class:`~.channel.Channel` where it
+can: a listener on each engine takes them straight from this process, without
+ipyparallel's per-apply cost. Engines whose listener cannot reach this process get
+plain applies; a chunk whose listener went away goes back in line, uncharged.
 """
 from __future__ import annotations
 
@@ -35,14 +40,17 @@ from ipyparallel.error import NoEnginesRegistered
 
 from ..errors import EnginesLostError
 from . import runner
+from .channel import ATTACH, Channel, ChannelResult
 from .result import LOST, OK, RAISED, UNDONE, WALLTIME, MapResult, TaskFailure, TaskRecord
 
 TARGET_CHUNK_S = 1.0  # a chunk this long makes per-message cost (~5-10 ms CPU here) about 1%
+CHANNEL_CHUNK_S = 0.1  # over the channel a chunk costs ~1 ms (both ends): 0.1 s keeps that ~1%
 MAX_CHUNK = 10_000  # bounds message size and the work lost with one engine
 STATIC_WINDOW_PER_ENGINE = 2
 DYNAMIC_WINDOW_PER_ENGINE = 2  # one running + one waiting on the engine hides the round trip
 NO_ENGINE_GRACE_S = 3.0
 PURGE_EVERY = 256  # hub/client purges are batched
+_LATE_PURGE: deque[str] = deque()  # attach replies, not waited for: purged from the hub with the next flush
 
 
 @dataclass
@@ -108,6 +116,8 @@ class Dispatcher:
         self.n_retried = 0
         self._last_bar = 0.0
         self._last_supervise = 0.0
+        self.channel: Channel | None = None
+        self.map_id = ""
 
     # ------------------------------------------------------------ main loop
 
@@ -115,6 +125,8 @@ class Dispatcher:
         self.res.started_at = time.time()
         self._open_bar()
         try:
+            if not self.static:
+                self._open_channel()
             while True:
                 self._fill()
                 if not self.inflight and not self.redo and self.source_done:
@@ -131,6 +143,7 @@ class Dispatcher:
                         mid = None
                 self._supervise()
         finally:
+            self._close_channel()
             self.res.finished_at = time.time()
             self._flush_purge()
             if self.opts.journal is not None:
@@ -138,6 +151,39 @@ class Dispatcher:
             self._close_bar()
             self.res.records = [self.records[i] for i in sorted(self.records)]
         return self.res
+
+    # ------------------------------------------------------------ the channel
+
+    def _open_channel(self) -> None:
+        ch = Channel.for_client(self.client)
+        if ch is None:
+            return
+        try:
+            self.map_id = ch.begin_map((self.fn, self.opts.star, self.opts.walltime_s, self.isolate,
+                                        self.opts.fast_abort is not None, self.journal_prefix))
+        except Exception:  # something plain applies can send and the channel cannot: use applies
+            return
+        self.channel = ch
+        self._attach([e for e in self.engines if e not in ch.asked])
+
+    def _attach(self, engines: list[int]) -> None:
+        """Ask engines (once per client) to listen; one apply for all, answered at once."""
+        if not engines or self.channel is None:
+            return
+        self.channel.asked.update(engines)
+        try:
+            ar = self.client[engines].apply_async(ATTACH, self.channel.address, self.channel.nonce)
+        except (IndexError, NoEnginesRegistered):
+            return  # one is gone already: supervision notices
+        ar.add_done_callback(lambda f: _LATE_PURGE.extend(ar.msg_ids))  # nothing to wait for
+
+    def _listening(self, engine: int | None = None) -> bool:
+        ch = self.channel
+        return ch is not None and (engine in ch.connected if engine is not None else bool(ch.connected))
+
+    def _close_channel(self) -> None:
+        if self.channel is not None:
+            self.channel.end_map(self.map_id)
 
     # ------------------------------------------------------------ submission
 
@@ -152,7 +198,8 @@ class Dispatcher:
             return 1000
         if self.mean_task_s is None:
             return 1  # probe: learn task times before grouping
-        size = TARGET_CHUNK_S / max(self.mean_task_s, 1e-7)
+        target_s = CHANNEL_CHUNK_S if self._listening() else TARGET_CHUNK_S
+        size = target_s / max(self.mean_task_s, 1e-7)
         if self.n_total is not None:  # guided: shrink toward the end so engines finish together
             remaining = self.n_total - len(self.finished)
             size = min(size, remaining / (4 * n_eng))
@@ -251,11 +298,14 @@ class Dispatcher:
 
     def _submit(self, indices: list[int], target: int, speculative: bool = False) -> None:
         tasks = [(i, self.items[i]) for i in indices]
-        args = (self.fn, tasks, self.opts.star, self.opts.walltime_s, self.isolate,
-                self.opts.fast_abort is not None, self.journal_prefix)
         now = time.time()
         try:
-            ar = self.client[target].apply_async(runner.RUN_CHUNK, *args)
+            if self._listening(target):
+                ar = self.channel.submit(target, self.map_id, tasks)
+            else:
+                ar = self.client[target].apply_async(
+                    runner.RUN_CHUNK, self.fn, tasks, self.opts.star, self.opts.walltime_s, self.isolate,
+                    self.opts.fast_abort is not None, self.journal_prefix)
         except (IndexError, NoEnginesRegistered):  # the engine is gone since we last looked: back in line
             self._last_supervise = 0.0
             self._supervise()
@@ -285,7 +335,7 @@ class Dispatcher:
             node, pid, rows, for_journal = ar.get(timeout=0)
         except Exception as e:
             ename = getattr(e, "ename", type(e).__name__)
-            if ename in ("EngineError", "ImpossibleDependency", "UnmetDependency", "TaskAborted"):
+            if ename in ("EngineError", "ImpossibleDependency", "UnmetDependency", "TaskAborted", "ChannelLost"):
                 self._requeue(chunk.indices, eid, LOST)
             else:  # the chunk could not run at all (e.g. the function cannot be unpickled there)
                 err = {"ename": ename, "evalue": str(getattr(e, "evalue", e)),
@@ -392,6 +442,9 @@ class Dispatcher:
 
     def _forget(self, mid: str) -> None:
         """Drop the client's copy of a handed-back result; bounded memory for a million tasks."""
+        if self.channel is not None and mid in self.channel.results:
+            self.channel.forget(mid)  # never went through ipyparallel
+            return
         self.client.results.pop(mid, None)
         self.client.metadata.pop(mid, None)
         self.client._futures.pop(mid, None)
@@ -401,6 +454,8 @@ class Dispatcher:
             self._flush_purge()
 
     def _flush_purge(self) -> None:
+        while _LATE_PURGE:
+            self.to_purge.append(_LATE_PURGE.popleft())
         if not self.to_purge:
             return
         ids, self.to_purge = self.to_purge, []
@@ -433,6 +488,7 @@ class Dispatcher:
         if new:  # replacements (or late starters) join the rotation
             self.known_engines.update(new)
             self.engines += new
+            self._attach(new)
         if not self.engines and (self.inflight or self.redo or not self.source_done):
             self.no_engine_since = self.no_engine_since or now
             if now - self.no_engine_since > NO_ENGINE_GRACE_S:
@@ -456,6 +512,8 @@ class Dispatcher:
         """
         for e in lost:
             self.per_engine.pop(e, None)
+            if self.channel is not None:
+                self.channel.drop_engine(e)
         for mid, chunk in list(self.inflight.items()):
             if chunk.target in lost and not chunk.ar.ready():
                 self.inflight.pop(mid)
@@ -468,8 +526,11 @@ class Dispatcher:
         limit = self.opts.fast_abort * statistics.median(self.durations)
         now = time.time()
         for mid, chunk in list(self.inflight.items()):
-            md = self.client.metadata.get(mid)
-            started = md.get("data", {}).get("ipmtc_started") if md else None
+            if isinstance(chunk.ar, ChannelResult):  # told over the channel
+                started = chunk.ar.task_started
+            else:
+                md = self.client.metadata.get(mid)
+                started = md.get("data", {}).get("ipmtc_started") if md else None
             if not started:
                 continue
             index, t0 = started

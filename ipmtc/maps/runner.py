@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 OK, RAISED, WALLTIME, ABORTED, NOTRUN = "ok", "raised", "walltime", "aborted", "notrun"
 Row = tuple  # (index, status, payload, started, finished)
+OnStart = Callable[[int, float], None] | None  # told (task index, start time) as each task starts
 
 
 def where() -> tuple[str, int]:
@@ -35,22 +36,22 @@ def _error(exc: BaseException) -> dict[str, str]:
             "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
 
 
-def _publish_start(index: int) -> None:
+def _publish_start(index: int, t: float) -> None:
     """Tell the client which task started when (for straggler detection)."""
     try:
         from ipyparallel.datapub import publish_data
 
-        publish_data({"ipmtc_started": (index, time.time())})
+        publish_data({"ipmtc_started": (index, t)})
     except Exception:  # not inside an engine (tests) or no iopub: nothing to tell
         pass
 
 
-def _run_inline(fn: Callable, tasks: list, star: bool, publish: bool) -> list[Row]:
+def _run_inline(fn: Callable, tasks: list, star: bool, on_start: OnStart) -> list[Row]:
     rows: list[Row] = []
     for pos, (index, item) in enumerate(tasks):
-        if publish:
-            _publish_start(index)
         started = time.time()
+        if on_start is not None:
+            on_start(index, started)
         try:
             value = fn(*item) if star else fn(item)
             rows.append((index, OK, value, started, time.time()))
@@ -121,7 +122,7 @@ def _kill(pid: int) -> int:
     return os.waitpid(pid, 0)[1]
 
 
-def _run_forked(fn: Callable, tasks: list, star: bool, walltime_s: float | None, publish: bool) -> list[Row]:
+def _run_forked(fn: Callable, tasks: list, star: bool, walltime_s: float | None, on_start: OnStart) -> list[Row]:
     rows: list[Row] = []
     todo = list(tasks)
     while todo:
@@ -146,8 +147,8 @@ def _run_forked(fn: Callable, tasks: list, star: bool, walltime_s: float | None,
                 kind, msg = reader.read(timeout)
                 if kind == "msg" and msg[0] == "start":
                     current = (msg[1], msg[2])
-                    if publish:
-                        _publish_start(msg[1])
+                    if on_start is not None:
+                        on_start(msg[1], msg[2])
                 elif kind == "msg":
                     rows.append(msg)
                     todo.pop(0)
@@ -222,17 +223,20 @@ def _for_journal(prefix: bytes, tasks: list, rows: list[Row]) -> bytes:
 
 
 def run_chunk(fn: Callable, tasks: list, star: bool = False, walltime_s: float | None = None,
-              isolate: bool = False, publish: bool = False,
+              isolate: bool = False, publish: bool | OnStart = False,
               journal_prefix: bytes | None = None) -> tuple[str, int, list[Row], bytes | None]:
     """Run ``tasks`` = [(index, item), ...]; return (node, pid, rows, journal part).
 
-    With ``journal_prefix`` the journal part is :func:`_for_journal`'s bytes; otherwise None.
+    ``publish``: True tells each task's start through ipyparallel's data channel (for
+    straggler detection); a callable is told instead. With ``journal_prefix`` the
+    journal part is :func:`_for_journal`'s bytes; otherwise None.
     """
     node, pid = where()
+    on_start = publish if callable(publish) else (_publish_start if publish else None)
     if walltime_s is not None or isolate:
-        rows = _run_forked(fn, tasks, star, walltime_s, publish)
+        rows = _run_forked(fn, tasks, star, walltime_s, on_start)
     else:
-        rows = _run_inline(fn, tasks, star, publish)
+        rows = _run_inline(fn, tasks, star, on_start)
     return node, pid, rows, (None if journal_prefix is None else _for_journal(journal_prefix, tasks, rows))
 
 

@@ -13,6 +13,7 @@ import pytest
 import ipmtc
 from ipmtc import _proc
 from ipmtc.errors import EnginesLostError, MapError, NoClusterError
+from ipmtc.maps.channel import Channel
 
 
 def square(x):
@@ -177,7 +178,10 @@ def test_no_cluster_says_how_to_start_one(ipython_dir):
         ipmtc.dynamic_map(square, range(3), progress=False)
 
 
-def test_hundred_thousand_tasks_in_bounded_client_memory(rc):
+@pytest.mark.parametrize("path", ["channel", "applies"])
+def test_hundred_thousand_tasks_in_bounded_client_memory(rc, path, monkeypatch):
+    if path == "applies":  # engines that cannot dial back get their chunks as ipyparallel applies
+        monkeypatch.setenv("IPMTC_DRIVER_IP", "off")
     proc = psutil.Process()
     ipmtc.dynamic_map(noop, range(20_000), client=rc, progress=False)  # warm up
     gc.collect()
@@ -191,6 +195,12 @@ def test_hundred_thousand_tasks_in_bounded_client_memory(rc):
     # results and records of 100k tasks are handed back; the client's own caches are purged
     assert len(rc.results) < 100 and len(rc.metadata) < 100
     assert growth < 80 * 2**20, f"client RSS grew by {growth / 2**20:.0f} MiB"
+    ch = Channel.for_client(rc)
+    if path == "channel":  # nothing went through ipyparallel, and the channel keeps nothing either
+        assert ch is not None and ch.connected == set(rc.ids) and not ch.results
+        assert len(rc.history) - h0 < 10
+        return
+    assert ch is None
     # the hub forgets them too (its purges are sent without waiting: give the last one a moment)
     sent = set(rc.history[h0:])  # this map's chunks
     assert sent

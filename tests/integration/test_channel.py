@@ -1,0 +1,121 @@
+"""The driver-engine channel of dynamic_map: used where engines can dial back, applies where not,
+and a listener that goes away loses nothing. Real engines, real sockets."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import ipyparallel as ipp
+import pytest
+
+import ipmtc
+from ipmtc.maps import channel as chmod
+from ipmtc.maps.channel import Channel
+
+
+def sleepy(x):
+    import time
+
+    time.sleep(x)
+    return x
+
+
+def listeners():
+    from ipmtc.maps import channel
+
+    return sorted(channel._LISTENERS)
+
+
+def close_listeners():
+    from ipmtc.maps import channel
+
+    for listener in list(channel._LISTENERS.values()):
+        listener.close(bye=True)
+    return len(channel._LISTENERS)
+
+
+def test_maps_go_over_the_channel_and_engines_stay_plain_engines(rc):
+    res = ipmtc.dynamic_map(sleepy, [0.01] * 40, client=rc, progress=False)
+    assert res.ok and list(res) == [0.01] * 40
+    ch = Channel.for_client(rc)
+    assert ch.connected == set(rc.ids) and not ch.results
+    # the engines answer applies and %px as before, at once (no loop holds them)
+    t0 = time.monotonic()
+    assert all(ch.address in found for found in rc[:].apply_sync(listeners))
+    assert time.monotonic() - t0 < 5
+    rc[:].execute("z = 7", block=True)
+    assert rc[:]["z"] == [7] * len(rc.ids)
+    # a second map reuses the listeners: no new apply goes through ipyparallel for its chunks
+    h0 = len(rc.history)
+    res = ipmtc.dynamic_map(sleepy, [0.0] * 500, client=rc, progress=False)
+    assert res.ok and len(rc.history) == h0
+
+
+def test_engines_that_cannot_dial_back_get_applies(rc):
+    ch = Channel.for_client(rc)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ch.address = f"tcp://127.0.0.1:{port}"
+    res = ipmtc.dynamic_map(sleepy, [0.02] * 40, client=rc, progress=False)
+    assert res.ok and list(res) == [0.02] * 40
+    assert ch.connected == set()
+    assert {r.engine_id for r in res.records} == set(rc.ids)
+
+
+def test_a_listener_that_goes_away_loses_nothing(rc, shared_cluster):
+    """Listeners closed mid-map (as after a long driver stall): its chunks run again, uncharged."""
+    other = ipp.Client(profile=shared_cluster.profile)
+
+    def close_midway():
+        time.sleep(0.6)
+        other[:].apply_async(close_listeners)
+
+    ipmtc.dynamic_map(sleepy, [0.0] * 8, client=rc, progress=False)  # listeners up
+    t = threading.Thread(target=close_midway)
+    t.start()
+    try:
+        res = ipmtc.dynamic_map(sleepy, [0.05] * 120, client=rc, progress=False)
+    finally:
+        t.join()
+        other.close()
+    assert res.ok and list(res) == [0.05] * 120
+    assert res.summary()["retries"] == 0 and all(r.attempts == 1 for r in res.records)
+    ch = Channel.for_client(rc)
+    assert ch.connected == set()  # every listener said bye
+    assert any(r.resubmits for r in res.records)  # what was waiting on them ran again
+    # the next map asks them to listen again
+    res = ipmtc.dynamic_map(sleepy, [0.0] * 40, client=rc, progress=False)
+    assert res.ok and ch.connected == set(rc.ids)
+
+
+def test_listeners_close_when_their_driver_exits(rc, shared_cluster):
+    script = textwrap.dedent(f"""
+        import ipmtc, ipyparallel as ipp
+        from ipmtc.maps.channel import Channel
+        rc = ipp.Client(profile={shared_cluster.profile!r})
+        res = ipmtc.dynamic_map(abs, range(-50, 0), client=rc, progress=False)
+        assert res.ok
+        print(Channel.for_client(rc).address)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env=os.environ.copy())
+    assert out.returncode == 0, out.stderr
+    address = out.stdout.strip().splitlines()[-1]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(address in found for found in rc[:].apply_sync(listeners)):
+        time.sleep(0.2)
+    assert not any(address in found for found in rc[:].apply_sync(listeners))
+
+
+def test_messages_not_signed_with_the_key_are_dropped():
+    frames = chmod._pack(b"k" * 32, ("chunk", "m", "x"), [(0, 1)])
+    assert chmod._unpack(b"k" * 32, frames)[0] == ("chunk", "m", "x")
+    assert chmod._unpack(b"other-key" * 4, frames) is None
+    tampered = [frames[0], frames[1], *[f + b"!" for f in frames[2:]]]
+    assert chmod._unpack(b"k" * 32, tampered) is None
