@@ -160,7 +160,7 @@ class _Listener:
         self.stream.on_recv(self._on_recv, copy=True)
         self.watch = PeriodicCallback(self._check, 1000)
         kernel.io_loop.add_callback(self.watch.start)
-        self._send(("hello", self.engine_id))
+        self._send(("hello", self.engine_id, secrets.token_hex(8)))  # the token: a replay is refused
 
     def _send(self, header: tuple, payload: Any = None) -> None:
         self.sock.send_multipart(_pack(self.key, header, payload))
@@ -176,7 +176,7 @@ class _Listener:
         if bye:  # the driver, if it comes back, puts what it sent here back in line
             self.sock.linger = 1000
             try:
-                self._send(("bye", self.engine_id))
+                self._send(("bye", self.engine_id, secrets.token_hex(8)))
             except zmq.ZMQError:
                 pass
         self.stream.close()
@@ -332,6 +332,7 @@ class Channel:
         self._outbox.connect(inproc)
         self._out_lock = threading.Lock()
         self.results: dict[str, ChannelResult] = {}
+        self._seen: set[bytes] = set()  # signatures of hellos and byes: a replayed one is refused
         self.connected: set[int] = set()  # engines whose listener said hello (written by the thread)
         self.asked: set[int] = set()  # engines sent an attach (by the dispatcher)
         self._seq = itertools.count()
@@ -372,11 +373,18 @@ class Channel:
     def end_map(self, map_id: str) -> None:
         self._post([b"endmap", map_id.encode()])
 
+    def listening(self, engine_id: int) -> bool:
+        return not self._closed and engine_id in self.connected
+
     def submit(self, engine_id: int, map_id: str, tasks: list) -> ChannelResult:
+        """Send a chunk; raises what serializing ``tasks`` raises (nothing is sent then)."""
         mid = f"ipmtc-{self.nonce.hex()[:8]}-{next(self._seq)}"
+        frames = _pack(self.key, ("chunk", mid, map_id), tasks)
         res = self.results[mid] = ChannelResult(mid, engine_id)
-        self._post([b"chunk", str(engine_id).encode(), map_id.encode(),
-                    *_pack(self.key, ("chunk", mid, map_id), tasks)])
+        if self._closed:
+            res._set(error=ChannelLost("the channel closed"))
+            return res
+        self._post([b"chunk", str(engine_id).encode(), map_id.encode(), *frames])
         return res
 
     def forget(self, mid: str) -> None:
@@ -413,7 +421,11 @@ class Channel:
             while True:
                 for sock, _ in poller.poll(max(0, int((next_ping - time.monotonic()) * 1000)) + 1):
                     if sock is self.router:
-                        self._from_engine(self.router.recv_multipart(copy=True), idents, told)
+                        msg = self.router.recv_multipart(copy=True)
+                        try:
+                            self._from_engine(msg, idents, told)
+                        except Exception:  # one bad message must not stop the channel
+                            pass
                         continue
                     msg = self._inbox.recv_multipart()
                     kind = msg[0]
@@ -443,6 +455,8 @@ class Channel:
                     for ident in idents.values():
                         self.router.send_multipart([ident, *ping])
         finally:
+            self._closed = True
+            self.connected.clear()
             self.router.close(0)
             self._inbox.close(0)
             for res in list(self.results.values()):
@@ -460,6 +474,10 @@ class Channel:
             return  # not one of our listeners
         header, payload = got
         kind = header[0]
+        if kind in ("hello", "bye"):
+            if frames[0] in self._seen:
+                return
+            self._seen.add(frames[0])
         if kind == "done":
             res = self.results.get(header[1])
             if res is not None:

@@ -17,10 +17,11 @@ the fewest. Measured here (weak scaling, 0.3 s tasks, 32 engines on 2 cores),
 this beat submitting to the load-balanced view with hwm=1, which costs a
 scheduler round trip per chunk and a burst of all tasks at once.
 
-``dynamic`` sends its chunks over the client's :class:`~.channel.Channel` where it
-can: a listener on each engine takes them straight from this process, without
-ipyparallel's per-apply cost. Engines whose listener cannot reach this process get
-plain applies; a chunk whose listener went away goes back in line, uncharged.
+Chunks travel over the client's :class:`~.channel.Channel` where they can: a
+listener on each engine takes them straight from this process, without
+ipyparallel's per-apply cost (weak scaling at 32 engines: dynamic 0.89 -> 0.95,
+static 0.93 -> 0.95). Engines whose listener cannot reach this process get plain
+applies; a chunk whose listener went away goes back in line, uncharged.
 """
 from __future__ import annotations
 
@@ -79,6 +80,16 @@ class Options:
     journal: Any = None
 
 
+def _sendable(item: Any) -> bool:
+    from ipyparallel.serialize import serialize_object
+
+    try:
+        serialize_object(item)
+        return True
+    except Exception:
+        return False
+
+
 class Dispatcher:
     """Runs one map to completion over a connected ``ipyparallel.Client``."""
 
@@ -125,8 +136,7 @@ class Dispatcher:
         self.res.started_at = time.time()
         self._open_bar()
         try:
-            if not self.static:
-                self._open_channel()
+            self._open_channel()
             while True:
                 self._fill()
                 if not self.inflight and not self.redo and self.source_done:
@@ -179,7 +189,9 @@ class Dispatcher:
 
     def _listening(self, engine: int | None = None) -> bool:
         ch = self.channel
-        return ch is not None and (engine in ch.connected if engine is not None else bool(ch.connected))
+        if ch is None:
+            return False
+        return ch.listening(engine) if engine is not None else bool(ch.connected)
 
     def _close_channel(self) -> None:
         if self.channel is not None:
@@ -300,9 +312,13 @@ class Dispatcher:
         tasks = [(i, self.items[i]) for i in indices]
         now = time.time()
         try:
+            ar = None
             if self._listening(target):
-                ar = self.channel.submit(target, self.map_id, tasks)
-            else:
+                try:
+                    ar = self.channel.submit(target, self.map_id, tasks)
+                except Exception:  # an input the channel cannot serialize: ipyparallel says why below
+                    ar = None
+            if ar is None:
                 ar = self.client[target].apply_async(
                     runner.RUN_CHUNK, self.fn, tasks, self.opts.star, self.opts.walltime_s, self.isolate,
                     self.opts.fast_abort is not None, self.journal_prefix)
@@ -310,6 +326,19 @@ class Dispatcher:
             self._last_supervise = 0.0
             self._supervise()
             self.redo.extendleft(reversed(indices))
+            return
+        except Exception as e:  # an input that cannot be sent fails (no retry can help), the map goes on
+            bad = [i for i in indices if not _sendable(self.items[i])] if len(indices) > 1 else indices
+            err = {"ename": type(e).__name__, "evalue": f"task input cannot be sent to the engines: {e}",
+                   "traceback": ""}
+            for i in bad or indices:
+                rec = self.records[i]
+                rec.attempts, rec.outcome, rec.error = 1, RAISED, f"{err['ename']}: {err['evalue']}"
+                rec.history.append((None, None, now, now, RAISED))
+                self._fail(i, rec, err)
+            good = [i for i in indices if i not in set(bad)] if bad else []
+            if good:
+                self._submit(good, target, speculative)
             return
         chunk = _Chunk(indices, target, now, ar, speculative)
         for i in indices:

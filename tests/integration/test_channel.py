@@ -119,3 +119,12 @@ def test_messages_not_signed_with_the_key_are_dropped():
     assert chmod._unpack(b"other-key" * 4, frames) is None
     tampered = [frames[0], frames[1], *[f + b"!" for f in frames[2:]]]
     assert chmod._unpack(b"k" * 32, tampered) is None
+
+
+def test_an_input_that_cannot_be_sent_fails_alone(rc):
+    """One unpicklable input among many: that task fails with the reason, the others run."""
+    items = [1, 2, threading.Lock(), 4, 5, 6]
+    res = ipmtc.dynamic_map(str, items, client=rc, chunksize=3, progress=False)
+    assert [f.index for f in res.failed] == [2]
+    assert "cannot be sent" in res.failed[0].evalue and "lock" in res.failed[0].evalue.lower()
+    assert [res[i] for i in (0, 1, 3, 4, 5)] == ["1", "2", "4", "5", "6"]
