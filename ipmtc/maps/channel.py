@@ -33,6 +33,7 @@ import pickle
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -210,14 +211,19 @@ class _Listener:
             self._send(("start", mid, index, t))
 
         saved = signal.getsignal(signal.SIGINT)
+        streams = sys.stdout, sys.stderr
         try:
             tasks = _payload(payload)
+            # what tasks print goes to the engine's own output (its log), not to the client, which
+            # would file it under the attach apply's id and keep it for ever
+            sys.stdout, sys.stderr = _plain_stream(sys.__stdout__), _plain_stream(sys.__stderr__)
             signal.signal(signal.SIGINT, signal.default_int_handler)  # a straggler abort stops the task
             try:
                 out = run_chunk(fn, tasks, star, walltime_s, isolate, on_start if publish else None,
                                 journal_prefix)
             finally:
                 signal.signal(signal.SIGINT, saved)
+                sys.stdout, sys.stderr = streams
         except KeyboardInterrupt:  # the abort came between two tasks: nothing of this chunk is lost
             self._send(("lost", mid))
             return
@@ -228,6 +234,12 @@ class _Listener:
             self.sock.send_multipart(_pack(self.key, ("done", mid), out))
         except Exception:  # a result that cannot be sent is that task's failure, not the chunk's
             self.sock.send_multipart(_pack(self.key, ("done", mid), _sendable(out)))
+
+
+def _plain_stream(stream):
+    if stream is None or getattr(stream, "closed", False):
+        return open(os.devnull, "w")
+    return stream
 
 
 def _sendable(out: tuple) -> tuple:

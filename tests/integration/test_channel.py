@@ -128,3 +128,20 @@ def test_an_input_that_cannot_be_sent_fails_alone(rc):
     assert [f.index for f in res.failed] == [2]
     assert "cannot be sent" in res.failed[0].evalue and "lock" in res.failed[0].evalue.lower()
     assert [res[i] for i in (0, 1, 3, 4, 5)] == ["1", "2", "4", "5", "6"]
+
+
+def chatty(x):
+    print("task", x, "says hello " * 50)
+    import sys
+
+    print("and warns", file=sys.stderr)
+    return x
+
+
+def test_what_tasks_print_does_not_pile_up_in_the_client(rc):
+    res = ipmtc.dynamic_map(chatty, range(300), client=rc, progress=False)
+    assert res.ok and list(res) == list(range(300))
+    time.sleep(0.5)  # output, if any were sent, would arrive on the IOPub stream by now
+    kept = sum(len(md.get("stdout") or "") + len(md.get("stderr") or "") for md in rc.metadata.values()
+               if isinstance(md, dict))  # (ipyparallel also files a 'submitted' time there)
+    assert kept < 1000 and len(rc.metadata) < 20
