@@ -30,7 +30,6 @@ import pickle
 import queue
 import signal
 import statistics
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -42,6 +41,7 @@ from ipyparallel.error import NoEnginesRegistered
 from ..errors import EnginesLostError
 from . import runner
 from .channel import ATTACH, Channel, ChannelResult
+from .progress import Progress
 from .result import LOST, OK, RAISED, UNDONE, WALLTIME, MapResult, TaskFailure, TaskRecord
 
 TARGET_CHUNK_S = 1.0  # a chunk this long makes per-message cost (~5-10 ms CPU here) about 1%
@@ -123,9 +123,8 @@ class Dispatcher:
         self.no_engine_since: float | None = None
         self.draining = False
         self.isolate = opts.walltime_s is not None or opts.fast_abort is not None
-        self.bar = None
+        self.bar = Progress(opts.progress, n_total, f"ipmtc {opts.schedule}")
         self.n_retried = 0
-        self._last_bar = 0.0
         self._last_supervise = 0.0
         self.channel: Channel | None = None
         self.map_id = ""
@@ -134,7 +133,7 @@ class Dispatcher:
 
     def run(self) -> MapResult:
         self.res.started_at = time.time()
-        self._open_bar()
+        self.bar.open()
         try:
             self._open_channel()
             while True:
@@ -158,7 +157,8 @@ class Dispatcher:
             self._flush_purge()
             if self.opts.journal is not None:
                 self.opts.journal.flush()
-            self._close_bar()
+            self._refresh_bar(force=True)
+            self.bar.close()
             self.res.records = [self.records[i] for i in sorted(self.records)]
         return self.res
 
@@ -180,11 +180,11 @@ class Dispatcher:
         """Ask engines (once per client) to listen; one apply for all, answered at once."""
         if not engines or self.channel is None:
             return
-        self.channel.asked.update(engines)
         try:
             ar = self.client[engines].apply_async(ATTACH, self.channel.address, self.channel.nonce)
         except (IndexError, NoEnginesRegistered):
-            return  # one is gone already: supervision notices
+            return  # one is gone already: supervision notices, the next map asks the others
+        self.channel.asked.update(engines)
         ar.add_done_callback(lambda f: _LATE_PURGE.extend(ar.msg_ids))  # nothing to wait for
 
     def _listening(self, engine: int | None = None) -> bool:
@@ -257,7 +257,7 @@ class Dispatcher:
         if rec.outcome == OK:
             self.items.pop(index, None)
             self.res._set(index, value)
-            self._tick()
+            self.bar.tick()
         else:
             ename, _, evalue = (rec.error or "Error: ").partition(": ")
             self._fail(index, rec, {"ename": ename, "evalue": evalue, "traceback": ""}, record=False)
@@ -402,7 +402,7 @@ class Dispatcher:
                         self.opts.journal.add(rec, payload, item, self.opts.key)
                 elif rec.attempts != 1 or rec.resubmits:
                     over[index] = (rec.attempts, rec.resubmits)
-                self._tick()
+                self.bar.tick()
             elif status in (runner.RAISED, runner.WALLTIME):
                 self._charge(index, payload, eid, node, pid, started, finished,
                              WALLTIME if status == runner.WALLTIME else RAISED)
@@ -443,7 +443,6 @@ class Dispatcher:
             if eid is not None:
                 self.avoid.setdefault(index, set()).add(eid)
             self.redo.append(index)
-            self._tick(count=False)
             return
         rec.outcome = outcome
         self._fail(index, rec, err)
@@ -457,7 +456,7 @@ class Dispatcher:
         self.res._set(index, failure)
         if record and self.opts.journal is not None:
             self.opts.journal.add(rec, None, failure.item, self.opts.key)
-        self._tick()
+        self.bar.tick()
 
     def _requeue(self, indices: list[int], eid, why: str) -> None:
         """Run again without spending retries (engine lost, straggler aborted, not run)."""
@@ -529,6 +528,9 @@ class Dispatcher:
         if self.draining and not self.inflight:
             self._mark_undone()
         self._refresh_bar()
+
+    def _refresh_bar(self, force: bool = False) -> None:
+        self.bar.refresh(force, failed=len(self.res.failed), retried=self.n_retried, engines=len(self.engines))
 
     def _rescue_lost(self, lost: set[int]) -> None:
         """Resubmit at once (free) what was placed on lost engines.
@@ -618,43 +620,3 @@ class Dispatcher:
                 self.records[i].outcome = UNDONE
                 self.res.undone.append(i)
         self._mark_undone()
-
-    # ------------------------------------------------------------ progress
-
-    def _open_bar(self) -> None:
-        if not self.opts.progress:
-            return
-        try:
-            from ipykernel.zmqshell import ZMQInteractiveShell  # noqa: F401
-            from IPython import get_ipython
-
-            in_notebook = isinstance(get_ipython(), ZMQInteractiveShell)
-        except Exception:
-            in_notebook = False
-        if in_notebook:
-            try:
-                import ipywidgets  # noqa: F401
-                from tqdm.notebook import tqdm
-            except ImportError:
-                from tqdm import tqdm
-        else:
-            from tqdm import tqdm
-        self.bar = tqdm(total=self.n_total, desc=f"ipmtc {self.opts.schedule}", unit="task",
-                        file=sys.stderr, dynamic_ncols=True)
-
-    def _tick(self, count: bool = True) -> None:
-        if self.bar is not None and count:
-            self.bar.update(1)
-
-    def _refresh_bar(self) -> None:
-        if self.bar is None or time.monotonic() - self._last_bar < 0.3:
-            return
-        self._last_bar = time.monotonic()
-        self.bar.set_postfix(failed=len(self.res.failed), retried=self.n_retried,
-                             engines=len(self.engines), refresh=False)
-
-    def _close_bar(self) -> None:
-        if self.bar is not None:
-            self._last_bar = 0.0
-            self._refresh_bar()
-            self.bar.close()

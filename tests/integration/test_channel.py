@@ -11,7 +11,6 @@ import threading
 import time
 
 import ipyparallel as ipp
-import pytest
 
 import ipmtc
 from ipmtc.maps import channel as chmod

@@ -276,3 +276,18 @@ def test_all_engines_lost_fails_fast(start_cluster):
     partial = e.value.result
     assert 0 < len(partial) < 200 and len(partial.undone) == 200 - len(partial)
     assert all(v == 0.1 for v in partial)
+
+
+def fails_on_3(x):
+    if x == 3:
+        raise ValueError("three")
+    return x
+
+
+def test_progress_bar_counts_done_failed_and_engines(rc, capsys):
+    ipmtc.dynamic_map(fails_on_3, range(40), client=rc, retries=1, progress=True)
+    err = capsys.readouterr().err
+    assert "ipmtc dynamic" in err and "40/40" in err
+    assert "failed=1" in err and "retried=1" in err and f"engines={len(rc.ids)}" in err
+    ipmtc.static_map(square, range(10), client=rc, progress=False)
+    assert capsys.readouterr().err == ""
