@@ -375,34 +375,26 @@ class Dispatcher:
             self._forget(mid)
             return
         self._forget(mid)
-        # with a journal, the engine sent the ok results in one pickle, with their keys, ready to store
-        value_of = {r[1]: r[4] for r in pickle.loads(for_journal)} if for_journal else {}
-        skip: list[int] = []  # of those: rows not to record (a duplicate that lost the race)
+        # with a journal, the engine sent the ok tasks apart: (key, index, started, finished, result)
+        # in one pickle, ready to store; ``rows`` has the rest
+        entries = pickle.loads(for_journal) if for_journal else ()
+        skip: list[int] = []  # of those: entries not to record (a duplicate that lost the race)
         over: dict[int, tuple[int, int]] = {}  # (attempts, resubmits) where not (1, 0)
+        for _, index, started, finished, value in entries:
+            if index in self.finished:
+                skip.append(index)
+                continue
+            rec = self._ok(index, value, eid, node, pid, started, finished)
+            if rec.attempts != 1 or rec.resubmits:
+                over[index] = (rec.attempts, rec.resubmits)
         for index, status, payload, started, finished in rows:
             if index in self.finished:
-                if index in value_of:
-                    skip.append(index)
                 continue  # a speculative duplicate lost the race: discard it
             if status == runner.OK:
-                in_chunk = index in value_of
-                if in_chunk:
-                    payload = value_of[index]
-                rec = self.records[index]
-                rec.engine_id, rec.host, rec.pid = eid, node, pid
-                rec.started, rec.finished = started, finished
-                rec.attempts += 1
-                rec.outcome, rec.error = OK, None
-                self.finished.add(index)
-                item = self.items.pop(index, None)
-                self.res._set(index, payload)
-                self._learn(finished - started)
-                if not in_chunk:
-                    if self.opts.journal is not None:
-                        self.opts.journal.add(rec, payload, item, self.opts.key)
-                elif rec.attempts != 1 or rec.resubmits:
-                    over[index] = (rec.attempts, rec.resubmits)
-                self.bar.tick()
+                item = self.items.get(index)
+                rec = self._ok(index, payload, eid, node, pid, started, finished)
+                if self.opts.journal is not None:
+                    self.opts.journal.add(rec, payload, item, self.opts.key)
             elif status in (runner.RAISED, runner.WALLTIME):
                 self._charge(index, payload, eid, node, pid, started, finished,
                              WALLTIME if status == runner.WALLTIME else RAISED)
@@ -410,8 +402,21 @@ class Dispatcher:
                 if status == runner.ABORTED and index in self.speculated:
                     continue  # its duplicate is already running elsewhere
                 self._requeue([index], eid, status)
-        if value_of and self.opts.journal is not None:
-            self.opts.journal.add_chunk(for_journal, len(value_of) - len(skip), eid, node, pid, skip, over)
+        if entries and self.opts.journal is not None:
+            self.opts.journal.add_chunk(for_journal, len(entries) - len(skip), eid, node, pid, skip, over)
+
+    def _ok(self, index: int, value: Any, eid, node, pid, started: float, finished: float) -> TaskRecord:
+        rec = self.records[index]
+        rec.engine_id, rec.host, rec.pid = eid, node, pid
+        rec.started, rec.finished = started, finished
+        rec.attempts += 1
+        rec.outcome, rec.error = OK, None
+        self.finished.add(index)
+        self.items.pop(index, None)
+        self.res._set(index, value)
+        self._learn(finished - started)
+        self.bar.tick()
+        return rec
 
     def _release(self, chunk: _Chunk) -> None:
         if chunk.target in self.per_engine:
@@ -473,10 +478,16 @@ class Dispatcher:
         if self.channel is not None and mid in self.channel.results:
             self.channel.forget(mid)  # never went through ipyparallel
             return
-        self.client.results.pop(mid, None)
-        self.client.metadata.pop(mid, None)
-        self.client._futures.pop(mid, None)
-        self.client._output_futures.pop(mid, None)
+        client = self.client
+        client.results.pop(mid, None)
+        client._futures.pop(mid, None)
+        out = client._output_futures.get(mid)
+        if out is None or out.done():
+            client.metadata.pop(mid, None)
+            client._output_futures.pop(mid, None)
+        # else the task's printed output is still on its way: ipyparallel drops the metadata (and
+        # its output future) once the engine's 'idle' comes; dropped now, the late output would
+        # recreate the entry for good
         self.to_purge.append(mid)
         if len(self.to_purge) >= PURGE_EVERY:
             self._flush_purge()

@@ -188,11 +188,11 @@ def _for_journal(prefix: bytes, tasks: list, rows: list[Row]) -> bytes:
     """The journal's per-task work, done here: one pickle of (key, index, started, finished,
     result) for the ok rows.
 
-    Those rows' payload becomes None: a result crosses the wire once, the driver
-    unpickles a chunk's results in one call and stores these bytes as they are
-    (one journal batch per chunk). Rows left out (an input that cannot be keyed,
-    a result plain pickle cannot take) keep their payload and are recorded by the
-    driver the slow way.
+    Those rows leave ``rows`` (the entries say all they said): a task crosses the
+    wire once, the driver unpickles a chunk's results in one call and stores these
+    bytes as they are (one journal batch per chunk). Rows left out (an input that
+    cannot be keyed, a result plain pickle cannot take) stay in ``rows`` and are
+    recorded by the driver the slow way.
     """
     from ..keys import keys_for
 
@@ -215,10 +215,7 @@ def _for_journal(prefix: bytes, tasks: list, rows: list[Row]) -> bytes:
         out = keep
         blob = dumps(out, protocol=proto)
     sent = {entry[1] for entry in out}
-    for pos in ok:
-        index, _, _, started, finished = rows[pos]
-        if index in sent:
-            rows[pos] = (index, OK, None, started, finished)
+    rows[:] = [row for row in rows if row[1] != OK or row[0] not in sent]
     return blob
 
 

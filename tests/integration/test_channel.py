@@ -11,6 +11,7 @@ import threading
 import time
 
 import ipyparallel as ipp
+import pytest
 
 import ipmtc
 from ipmtc.maps import channel as chmod
@@ -38,11 +39,19 @@ def close_listeners():
     return len(channel._LISTENERS)
 
 
+def wait_connected(ch, ids, timeout_s=10.0) -> set:
+    """The engines' hellos come on their own socket, maybe after a short map's last result."""
+    deadline = time.monotonic() + timeout_s
+    while ch.connected != set(ids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return ch.connected
+
+
 def test_maps_go_over_the_channel_and_engines_stay_plain_engines(rc):
     res = ipmtc.dynamic_map(sleepy, [0.01] * 40, client=rc, progress=False)
     assert res.ok and list(res) == [0.01] * 40
     ch = Channel.for_client(rc)
-    assert ch.connected == set(rc.ids) and not ch.results
+    assert wait_connected(ch, rc.ids) == set(rc.ids) and not ch.results
     # the engines answer applies and %px as before, at once (no loop holds them)
     t0 = time.monotonic()
     assert all(ch.address in found for found in rc[:].apply_sync(listeners))
@@ -76,6 +85,7 @@ def test_a_listener_that_goes_away_loses_nothing(rc, shared_cluster):
         other[:].apply_async(close_listeners)
 
     ipmtc.dynamic_map(sleepy, [0.0] * 8, client=rc, progress=False)  # listeners up
+    assert wait_connected(Channel.for_client(rc), rc.ids) == set(rc.ids)
     t = threading.Thread(target=close_midway)
     t.start()
     try:
@@ -90,17 +100,22 @@ def test_a_listener_that_goes_away_loses_nothing(rc, shared_cluster):
     assert any(r.resubmits for r in res.records)  # what was waiting on them ran again
     # the next map asks them to listen again
     res = ipmtc.dynamic_map(sleepy, [0.0] * 40, client=rc, progress=False)
-    assert res.ok and ch.connected == set(rc.ids)
+    assert res.ok and wait_connected(ch, rc.ids) == set(rc.ids)
 
 
 def test_listeners_close_when_their_driver_exits(rc, shared_cluster):
     script = textwrap.dedent(f"""
-        import ipmtc, ipyparallel as ipp
+        import time, ipmtc, ipyparallel as ipp
         from ipmtc.maps.channel import Channel
         rc = ipp.Client(profile={shared_cluster.profile!r})
         res = ipmtc.dynamic_map(abs, range(-50, 0), client=rc, progress=False)
         assert res.ok
-        print(Channel.for_client(rc).address)
+        ch = Channel.for_client(rc)
+        deadline = time.monotonic() + 10
+        while ch.connected != set(rc.ids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ch.connected == set(rc.ids)
+        print(ch.address)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                          env=os.environ.copy())
@@ -137,7 +152,10 @@ def chatty(x):
     return x
 
 
-def test_what_tasks_print_does_not_pile_up_in_the_client(rc):
+@pytest.mark.parametrize("path", ["channel", "applies"])
+def test_what_tasks_print_does_not_pile_up_in_the_client(rc, path, monkeypatch):
+    if path == "applies":  # there the output comes on IOPub, maybe after the chunk's result
+        monkeypatch.setenv("IPMTC_DRIVER_IP", "off")
     res = ipmtc.dynamic_map(chatty, range(300), client=rc, progress=False)
     assert res.ok and list(res) == list(range(300))
     time.sleep(0.5)  # output, if any were sent, would arrive on the IOPub stream by now

@@ -111,9 +111,23 @@ def stuck_in_c(x):
     return x
 
 
+def use_path(rc, path: str, monkeypatch) -> None:
+    """Chunks over the channel (listeners up before the map) or as ipyparallel applies."""
+    if path == "applies":
+        monkeypatch.setenv("IPMTC_DRIVER_IP", "off")
+        return
+    ipmtc.dynamic_map(square, range(8), client=rc, progress=False)
+    ch, deadline = Channel.for_client(rc), time.monotonic() + 10
+    while ch.connected != set(rc.ids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ch.connected == set(rc.ids)
+
+
+@pytest.mark.parametrize("path", ["channel", "applies"])
 @pytest.mark.parametrize("fn", [stuck_sleep, stuck_in_c])
 @pytest.mark.parametrize("schedule", [ipmtc.dynamic_map, ipmtc.static_map])
-def test_walltime_kills_a_running_task(rc, fn, schedule):
+def test_walltime_kills_a_running_task(rc, fn, schedule, path, monkeypatch):
+    use_path(rc, path, monkeypatch)
     t0 = time.monotonic()
     res = schedule(fn, range(6), client=rc, walltime_s=1.0, retries=1, progress=False)
     assert time.monotonic() - t0 < 10
@@ -142,7 +156,9 @@ def straggler(args):
     return i
 
 
-def test_fast_abort_reruns_a_straggler(rc, tmp_path):
+@pytest.mark.parametrize("path", ["channel", "applies"])
+def test_fast_abort_reruns_a_straggler(rc, tmp_path, path, monkeypatch):
+    use_path(rc, path, monkeypatch)
     marker = str(tmp_path / "straggler")
     t0 = time.monotonic()
     res = ipmtc.dynamic_map(straggler, [(i, marker) for i in range(24)], client=rc, fast_abort=3,

@@ -195,7 +195,7 @@ def test_chunks_pickled_by_engines_are_stored_as_they_came(tmp_path, monkeypatch
     tasks = [(i, i) for i in range(5)]
     rows = [(i, runner.OK, i * i, 100.0 + i, 101.0 + i) for i in range(5)]
     blob = runner._for_journal(J.key_prefix(square), tasks, rows)
-    assert all(r[2] is None for r in rows)  # each result travels once: inside the journal's pickle
+    assert rows == []  # each task travels once: inside the journal's pickle
     db = tmp_path / "run.db"
     monkeypatch.setattr(J, "MERGE_ALWAYS", 0)
     monkeypatch.setattr(J, "MERGE_COST_S", 1.0)  # keep the chunk in the inbox for the first reader
