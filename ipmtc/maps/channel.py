@@ -55,8 +55,9 @@ def _map_key(session_key: bytes, nonce: bytes) -> bytes:
 
 
 def _sign(key: bytes, frames: list) -> bytes:
-    h = hmac.new(key, digestmod=hashlib.sha256)
-    for f in frames:
+    h = hmac.new(key, len(frames).to_bytes(4, "big"), hashlib.sha256)
+    for f in frames:  # each frame's length too: no moving bytes across frame boundaries
+        h.update(len(f).to_bytes(8, "big"))
         h.update(f)
     return h.digest()
 
@@ -154,7 +155,10 @@ class _Listener:
         self.key, self.engine_id = _map_key(kernel.session.key, nonce), kernel.engine_id
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.linger = 0
+        self.sock.sndhwm = 0  # a send never blocks the engine, even with its driver gone
         self.sock.connect(address)
+        self.armed = False  # SIGINT stops a task only while a task runs (not mid-send)
+        self.out = _original_streams()
         self.maps: OrderedDict[str, tuple] = OrderedDict()
         self.heard = time.monotonic()
         self.stream = ZMQStream(self.sock, kernel.io_loop)
@@ -165,6 +169,10 @@ class _Listener:
 
     def _send(self, header: tuple, payload: Any = None) -> None:
         self.sock.send_multipart(_pack(self.key, header, payload))
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.armed:
+            raise KeyboardInterrupt
 
     def _check(self) -> None:
         if time.monotonic() - self.heard > ORPHAN_AFTER_S:
@@ -181,6 +189,9 @@ class _Listener:
             except zmq.ZMQError:
                 pass
         self.stream.close()
+        for f in self.out:
+            if f not in (sys.__stdout__, sys.__stderr__):
+                f.close()
 
     def _on_recv(self, frames: list) -> None:
         got = _unpack(self.key, frames)
@@ -190,11 +201,17 @@ class _Listener:
         header, payload = got
         kind = header[0]
         if kind == "map":
-            self.maps[header[1]] = _payload(payload)
+            try:
+                self.maps[header[1]] = _payload(payload)
+            except BaseException as e:  # e.g. fn's module cannot be imported here: its chunks fail
+                from .runner import _error
+
+                self.maps[header[1]] = _error(e)
             while len(self.maps) > MAPS_KEPT:
                 self.maps.popitem(last=False)
         elif kind == "chunk":
             self._run(header[1], header[2], payload)
+            self.heard = time.monotonic()  # a long chunk is not the driver's silence
         elif kind == "close":
             self.close(bye=False)
 
@@ -202,44 +219,85 @@ class _Listener:
         from .runner import _error, run_chunk
 
         spec = self.maps.get(map_id)
-        if spec is None:  # not expected: the driver sends a map's spec before its chunks
-            self._send(("lost", mid))
+        if spec is None:  # pushed out by other maps: the driver sends it again with the next chunk
+            self._send(("nospec", mid, map_id))
+            return
+        if isinstance(spec, dict):  # the map's function could not be unpickled here
+            self._send(("failed", mid), spec)
             return
         fn, star, walltime_s, isolate, publish, journal_prefix = spec
 
         def on_start(index: int, t: float) -> None:
-            self._send(("start", mid, index, t))
+            self.armed = False  # an abort now must not cut a message in half
+            try:
+                self._send(("start", mid, index, t))
+            finally:
+                self.armed = True
 
         saved = signal.getsignal(signal.SIGINT)
         streams = sys.stdout, sys.stderr
+        fds = _fds_to_log(streams)
+        self.armed = False
+        signal.signal(signal.SIGINT, self._on_sigint)
         try:
             tasks = _payload(payload)
             # what tasks print goes to the engine's own output (its log), not to the client, which
             # would file it under the attach apply's id and keep it for ever
-            sys.stdout, sys.stderr = _plain_stream(sys.__stdout__), _plain_stream(sys.__stderr__)
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # a straggler abort stops the task
+            sys.stdout, sys.stderr = self.out
+            self.armed = True  # a straggler abort (SIGINT) stops the running task
             try:
                 out = run_chunk(fn, tasks, star, walltime_s, isolate, on_start if publish else None,
                                 journal_prefix)
             finally:
-                signal.signal(signal.SIGINT, saved)
-                sys.stdout, sys.stderr = streams
-        except KeyboardInterrupt:  # the abort came between two tasks: nothing of this chunk is lost
+                self.armed = False
+        except KeyboardInterrupt:  # the abort came between two tasks: the chunk runs again elsewhere
             self._send(("lost", mid))
             return
         except BaseException as e:  # the chunk could not run at all (e.g. an input cannot be unpickled)
             self._send(("failed", mid), _error(e))
             return
+        finally:
+            for f in self.out:
+                f.flush()
+            sys.stdout, sys.stderr = streams
+            _restore_fds(fds)
+            signal.signal(signal.SIGINT, saved)
         try:
             self.sock.send_multipart(_pack(self.key, ("done", mid), out))
         except Exception:  # a result that cannot be sent is that task's failure, not the chunk's
             self.sock.send_multipart(_pack(self.key, ("done", mid), _sendable(out)))
 
 
-def _plain_stream(stream):
-    if stream is None or getattr(stream, "closed", False):
-        return open(os.devnull, "w")
-    return stream
+def _fds_to_log(kernel_streams: tuple) -> list[tuple[int, int]]:
+    """Point fds 1 and 2 back at the engine's own output while a chunk runs, so that what C code
+    writes there is not published by ipykernel's capture; [(fd, the capture's end), ...]."""
+    moved = []
+    for fd, stream in zip((1, 2), kernel_streams):
+        original = getattr(stream, "_original_stdstream_copy", None)
+        if original is not None:
+            moved.append((fd, os.dup(fd)))
+            os.dup2(original, fd)
+    return moved
+
+
+def _restore_fds(moved: list[tuple[int, int]]) -> None:
+    for fd, capture in moved:
+        os.dup2(capture, fd)
+        os.close(capture)
+
+
+def _original_streams() -> tuple:
+    """The engine's own stdout/stderr (its log), under ipykernel's capture of fds 1 and 2."""
+    out = []
+    for kernel_stream, plain in ((sys.stdout, sys.__stdout__), (sys.stderr, sys.__stderr__)):
+        fd = getattr(kernel_stream, "_original_stdstream_copy", None)
+        if fd is not None:  # fds 1/2 are a pipe that ipykernel publishes: write where it copies to
+            out.append(os.fdopen(os.dup(fd), "w", buffering=1))
+        elif plain is None or getattr(plain, "closed", False):
+            out.append(open(os.devnull, "w"))
+        else:
+            out.append(plain)
+    return tuple(out)
 
 
 def _sendable(out: tuple) -> tuple:
@@ -330,6 +388,7 @@ class Channel:
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.linger = 0
+        self.router.router_mandatory = 1  # a chunk for a listener that is gone fails at once: rerun
         try:
             port = self.router.bind_to_random_port(f"tcp://{ip}")
         except zmq.ZMQError:
@@ -347,6 +406,9 @@ class Channel:
         self._seen: set[bytes] = set()  # signatures of hellos and byes: a replayed one is refused
         self.connected: set[int] = set()  # engines whose listener said hello (written by the thread)
         self.asked: set[int] = set()  # engines sent an attach (by the dispatcher)
+        # ids of the attach applies: output a task writes to fd 1/2 from C code is still
+        # published by ipykernel under the engine's last message, often that one
+        self.attach_mids: set[str] = set()
         self._seq = itertools.count()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="ipmtc-channel", daemon=True)
@@ -412,7 +474,7 @@ class Channel:
         if self._closed:
             return
         self._closed = True
-        if self._thread.is_alive():
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._post([b"close"])
             self._thread.join(timeout=5.0)
         self._outbox.close(0)
@@ -447,10 +509,13 @@ class Channel:
                         if ident is None:  # not (or no longer) listening: run it again elsewhere
                             self._lost(pickle.loads(msg[4])[1])
                             continue
-                        if map_id not in told.setdefault(eid, set()):
-                            self.router.send_multipart([ident, *maps[map_id]])
-                            told[eid].add(map_id)
-                        self.router.send_multipart([ident, *msg[3:]])
+                        try:
+                            if map_id not in told.setdefault(eid, set()):
+                                self.router.send_multipart([ident, *maps[map_id]])
+                                told[eid].add(map_id)
+                            self.router.send_multipart([ident, *msg[3:]])
+                        except zmq.ZMQError:  # its listener is gone (unreachable identity)
+                            self._lost(pickle.loads(msg[4])[1])
                     elif kind == b"map":
                         maps[msg[1].decode()] = msg[2:]
                     elif kind == b"endmap":
@@ -460,12 +525,19 @@ class Channel:
                     elif kind == b"close":
                         close = _pack(self.key, ("close",))
                         for ident in idents.values():
-                            self.router.send_multipart([ident, *close])
+                            try:
+                                self.router.send_multipart([ident, *close])
+                            except zmq.ZMQError:
+                                pass
+                        self.router.linger = 500  # let the closes go out
                         return
                 if time.monotonic() >= next_ping:
                     next_ping = time.monotonic() + PING_EVERY_S
-                    for ident in idents.values():
-                        self.router.send_multipart([ident, *ping])
+                    for ident in list(idents.values()):
+                        try:
+                            self.router.send_multipart([ident, *ping])
+                        except zmq.ZMQError:
+                            pass
         finally:
             self._closed = True
             self.connected.clear()
@@ -503,6 +575,11 @@ class Channel:
             if res is not None:
                 res._set(error=ChunkFailed(_payload(payload)))
         elif kind == "lost":
+            self._lost(header[1])
+        elif kind == "nospec":  # the listener let the map's function go: send it with the next chunk
+            eid = next((e for e, i in idents.items() if i == ident), None)
+            if eid is not None:
+                told.get(eid, set()).discard(header[2])
             self._lost(header[1])
         elif kind == "hello":
             eid = int(header[1])

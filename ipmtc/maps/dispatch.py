@@ -185,6 +185,7 @@ class Dispatcher:
         except (IndexError, NoEnginesRegistered):
             return  # one is gone already: supervision notices, the next map asks the others
         self.channel.asked.update(engines)
+        self.channel.attach_mids.update(ar.msg_ids)
         ar.add_done_callback(lambda f: _LATE_PURGE.extend(ar.msg_ids))  # nothing to wait for
 
     def _listening(self, engine: int | None = None) -> bool:
@@ -194,8 +195,19 @@ class Dispatcher:
         return ch.listening(engine) if engine is not None else bool(ch.connected)
 
     def _close_channel(self) -> None:
+        if self.channel is None:
+            return
+        self.channel.end_map(self.map_id)
+        for mid in list(self.inflight):  # an aborted map's chunks: their late answers are not kept
+            self.channel.forget(mid)
+        self._drop_stray_output()
+
+    def _drop_stray_output(self) -> None:
+        """Output that C code in a task wrote to fd 1/2 comes filed under an attach apply's id:
+        dropped, so that it cannot pile up in the client."""
         if self.channel is not None:
-            self.channel.end_map(self.map_id)
+            for mid in self.channel.attach_mids:
+                self.client.metadata.pop(mid, None)
 
     # ------------------------------------------------------------ submission
 
@@ -534,6 +546,7 @@ class Dispatcher:
                 self._give_up()
         else:
             self.no_engine_since = None
+        self._drop_stray_output()
         if self.opts.fast_abort is not None:
             self._stragglers()
         if self.draining and not self.inflight:
@@ -561,6 +574,8 @@ class Dispatcher:
                 self.inflight.pop(mid)
                 self.rescued.add(mid)
                 self._requeue(chunk.indices, chunk.target, LOST)
+                if self.channel is not None:
+                    self.channel.forget(mid)  # a dead engine's listener never answers
 
     def _stragglers(self) -> None:
         if len(self.durations) < max(5, len(self.engines)):
@@ -614,6 +629,8 @@ class Dispatcher:
         outstanding = sorted({i for c in self.inflight.values() for i in c.indices} | set(self.redo))
         for mid in list(self.inflight):
             self.inflight.pop(mid)
+            if self.channel is not None:
+                self.channel.forget(mid)
         self.redo.clear()
         self._mark_undone_list(outstanding)
         self.res.records = [self.records[i] for i in sorted(self.records)]

@@ -162,3 +162,39 @@ def test_what_tasks_print_does_not_pile_up_in_the_client(rc, path, monkeypatch):
     kept = sum(len(md.get("stdout") or "") + len(md.get("stderr") or "") for md in rc.metadata.values()
                if isinstance(md, dict))  # (ipyparallel also files a 'submitted' time there)
     assert kept < 1000 and len(rc.metadata) < 20
+
+
+def test_a_function_the_engines_cannot_import_fails_its_tasks(rc, tmp_path, monkeypatch):
+    """Over the channel as over applies: the tasks fail with the import error, the map ends."""
+    (tmp_path / "only_on_the_driver.py").write_text("def f(x):\n    return x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from only_on_the_driver import f
+
+    ipmtc.dynamic_map(sleepy, [0.0] * 8, client=rc, progress=False)
+    assert wait_connected(Channel.for_client(rc), rc.ids) == set(rc.ids)
+    t0 = time.monotonic()
+    res = ipmtc.dynamic_map(f, range(6), client=rc, progress=False)
+    assert time.monotonic() - t0 < 30
+    assert len(res.failed) == 6 and all("only_on_the_driver" in f.evalue for f in res.failed)
+
+
+def set_orphan_s(value):
+    from ipmtc.maps import channel
+
+    channel.ORPHAN_AFTER_S = value
+
+
+def test_a_long_chunk_is_not_the_drivers_silence(rc):
+    """A listener counts silence from the end of its last chunk: long tasks keep the channel."""
+    ipmtc.dynamic_map(sleepy, [0.0] * 8, client=rc, progress=False)
+    ch = Channel.for_client(rc)
+    assert wait_connected(ch, rc.ids) == set(rc.ids)
+    rc[:].apply_sync(set_orphan_s, 1.5)  # tasks longer than the orphan time, pings every 2 s
+    try:
+        res = ipmtc.dynamic_map(sleepy, [2.5] * (3 * len(rc.ids)), client=rc, chunksize=1, progress=False)
+        time.sleep(0.3)  # a bye said at the end would be in by now
+        connected = set(ch.connected)
+    finally:
+        rc[:].apply_sync(set_orphan_s, chmod.ORPHAN_AFTER_S)
+    assert res.ok and all(r.resubmits == 0 for r in res.records)
+    assert connected == set(rc.ids)
