@@ -265,7 +265,7 @@ class _Listener:
         try:
             self.sock.send_multipart(_pack(self.key, ("done", mid), out))
         except Exception:  # a result that cannot be sent is that task's failure, not the chunk's
-            self.sock.send_multipart(_pack(self.key, ("done", mid), _sendable(out)))
+            self.sock.send_multipart(_pack(self.key, ("done", mid), _with_unsendable_as_errors(out)))
 
 
 def _fds_to_log(kernel_streams: tuple) -> list[tuple[int, int]]:
@@ -300,7 +300,7 @@ def _original_streams() -> tuple:
     return tuple(out)
 
 
-def _sendable(out: tuple) -> tuple:
+def _with_unsendable_as_errors(out: tuple) -> tuple:
     node, pid, rows, part = out
     fixed = []
     for row in rows:

@@ -198,3 +198,17 @@ def test_a_long_chunk_is_not_the_drivers_silence(rc):
         rc[:].apply_sync(set_orphan_s, chmod.ORPHAN_AFTER_S)
     assert res.ok and all(r.resubmits == 0 for r in res.records)
     assert connected == set(rc.ids)
+
+
+def lock_for_3(x):
+    import threading
+
+    return threading.Lock() if x == 3 else x
+
+
+def test_a_result_that_cannot_be_sent_back_fails_alone(rc):
+    ipmtc.dynamic_map(sleepy, [0.0] * 8, client=rc, progress=False)
+    assert wait_connected(Channel.for_client(rc), rc.ids) == set(rc.ids)
+    res = ipmtc.dynamic_map(lock_for_3, range(8), client=rc, chunksize=4, progress=False)
+    assert [f.index for f in res.failed] == [3] and "cannot be sent back" in res.failed[0].evalue
+    assert [res[i] for i in (0, 1, 2, 4, 5, 6, 7)] == [0, 1, 2, 4, 5, 6, 7]
