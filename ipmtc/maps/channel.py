@@ -158,7 +158,7 @@ class _Listener:
         self.sock.sndhwm = 0  # a send never blocks the engine, even with its driver gone
         self.sock.connect(address)
         self.armed = False  # SIGINT stops a task only while a task runs (not mid-send)
-        self.out = _original_streams()
+        self.out = _plain(sys.__stdout__), _plain(sys.__stderr__)  # the engine's own output: its log
         self.maps: OrderedDict[str, tuple] = OrderedDict()
         self.heard = time.monotonic()
         self.stream = ZMQStream(self.sock, kernel.io_loop)
@@ -189,9 +189,6 @@ class _Listener:
             except zmq.ZMQError:
                 pass
         self.stream.close()
-        for f in self.out:
-            if f not in (sys.__stdout__, sys.__stderr__):
-                f.close()
 
     def _on_recv(self, frames: list) -> None:
         got = _unpack(self.key, frames)
@@ -241,8 +238,8 @@ class _Listener:
         signal.signal(signal.SIGINT, self._on_sigint)
         try:
             tasks = _payload(payload)
-            # what tasks print goes to the engine's own output (its log), not to the client, which
-            # would file it under the attach apply's id and keep it for ever
+            # what tasks print goes to the engine's log, not through ipykernel to the client, which
+            # would file it under the engine's last ipyparallel message and keep it for ever
             sys.stdout, sys.stderr = self.out
             self.armed = True  # a straggler abort (SIGINT) stops the running task
             try:
@@ -286,18 +283,9 @@ def _restore_fds(moved: list[tuple[int, int]]) -> None:
         os.close(capture)
 
 
-def _original_streams() -> tuple:
-    """The engine's own stdout/stderr (its log), under ipykernel's capture of fds 1 and 2."""
-    out = []
-    for kernel_stream, plain in ((sys.stdout, sys.__stdout__), (sys.stderr, sys.__stderr__)):
-        fd = getattr(kernel_stream, "_original_stdstream_copy", None)
-        if fd is not None:  # fds 1/2 are a pipe that ipykernel publishes: write where it copies to
-            out.append(os.fdopen(os.dup(fd), "w", buffering=1))
-        elif plain is None or getattr(plain, "closed", False):
-            out.append(open(os.devnull, "w"))
-        else:
-            out.append(plain)
-    return tuple(out)
+def _plain(stream):
+    """The process's own stream (fd 1/2; while a chunk runs they point at the engine's log)."""
+    return open(os.devnull, "w") if stream is None or getattr(stream, "closed", False) else stream
 
 
 def _with_unsendable_as_errors(out: tuple) -> tuple:
@@ -406,9 +394,6 @@ class Channel:
         self._seen: set[bytes] = set()  # signatures of hellos and byes: a replayed one is refused
         self.connected: set[int] = set()  # engines whose listener said hello (written by the thread)
         self.asked: set[int] = set()  # engines sent an attach (by the dispatcher)
-        # ids of the attach applies: output a task writes to fd 1/2 from C code is still
-        # published by ipykernel under the engine's last message, often that one
-        self.attach_mids: set[str] = set()
         self._seq = itertools.count()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="ipmtc-channel", daemon=True)

@@ -185,7 +185,6 @@ class Dispatcher:
         except (IndexError, NoEnginesRegistered):
             return  # one is gone already: supervision notices, the next map asks the others
         self.channel.asked.update(engines)
-        self.channel.attach_mids.update(ar.msg_ids)
         ar.add_done_callback(lambda f: _LATE_PURGE.extend(ar.msg_ids))  # nothing to wait for
 
     def _listening(self, engine: int | None = None) -> bool:
@@ -200,14 +199,6 @@ class Dispatcher:
         self.channel.end_map(self.map_id)
         for mid in list(self.inflight):  # an aborted map's chunks: their late answers are not kept
             self.channel.forget(mid)
-        self._drop_stray_output()
-
-    def _drop_stray_output(self) -> None:
-        """Output that C code in a task wrote to fd 1/2 comes filed under an attach apply's id:
-        dropped, so that it cannot pile up in the client."""
-        if self.channel is not None:
-            for mid in self.channel.attach_mids:
-                self.client.metadata.pop(mid, None)
 
     # ------------------------------------------------------------ submission
 
@@ -546,7 +537,6 @@ class Dispatcher:
                 self._give_up()
         else:
             self.no_engine_since = None
-        self._drop_stray_output()
         if self.opts.fast_abort is not None:
             self._stragglers()
         if self.draining and not self.inflight:
