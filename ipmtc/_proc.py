@@ -12,11 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterable, Sequence
 
-from .errors import IpmtcError
-
-
-class CommandError(IpmtcError):
-    """A helper command failed or timed out."""
+from .errors import CommandError
 
 
 def run(argv: Sequence[str], *, timeout_s: float = 30.0, env: dict[str, str] | None = None,

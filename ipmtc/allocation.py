@@ -299,7 +299,8 @@ def _slurm_end_time(environ: Mapping[str, str]) -> float | None:
         return None
     from datetime import datetime
 
-    from ._proc import CommandError, run
+    from ._proc import run
+    from .errors import CommandError
 
     env = None if environ is os.environ else {**os.environ, **environ}
     try:
@@ -347,7 +348,8 @@ def _pbs_end_time(environ: Mapping[str, str]) -> float | None:
     import time
     from datetime import datetime
 
-    from ._proc import CommandError, run
+    from ._proc import run
+    from .errors import CommandError
 
     job = environ.get("PBS_JOBID", "").strip()
     if not job:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _proc, allocation, presets
+from . import _ipp, _proc, allocation, presets
 from .errors import ClusterError, ClusterRunningError, LauncherNotFoundError, NoClusterError, StartupError
 from .launch import EnginePlan, engine_cmd, plan_engines
 from .profile import default_name, ipython_dir, profile_dir, write_profile
@@ -178,22 +178,9 @@ def _log_tails(pdir: Path) -> str:
     return "\n".join(parts) or "  (no log output)"
 
 
-def _launcher_pids(cluster) -> list[int]:
-    pids = []
-    if cluster.controller is not None and cluster.controller.pid > 0:
-        pids.append(cluster.controller.pid)
-    for es in cluster.engines.values():
-        subs = getattr(es, "launchers", None)
-        if subs:
-            pids += [el.pid for el in subs.values() if el.pid > 0]
-        elif getattr(es, "pid", -1) > 0:
-            pids.append(es.pid)
-    return pids
-
-
 def _live_engine_processes(cluster) -> tuple[int, int]:
     """(engine launcher processes alive, launcher processes started)."""
-    pids = _launcher_pids(cluster)[1:]
+    pids = _ipp.launcher_pids(cluster)[1:]
     return sum(_proc.alive(p) for p in pids), len(pids)
 
 
@@ -276,7 +263,7 @@ def start(*, preset: str | None = None, flags: Mapping[str, Any] | None = None, 
             time.sleep(0.1)
         startup_s = time.monotonic() - t0
         engines_info = client[:].apply_async(_engine_info).get(timeout=max(10.0, timeout_s / 4))
-        launcher_pids = _launcher_pids(cluster)
+        launcher_pids = _ipp.launcher_pids(cluster)
         all_pids = sorted({p for lp in launcher_pids for p in _proc.process_tree(lp)})
         info = ClusterInfo(
             profile=name, profile_dir=str(pdir), n_engines=plan.n_engines, launcher=plan.launcher,
@@ -293,7 +280,7 @@ def start(*, preset: str | None = None, flags: Mapping[str, Any] | None = None, 
         return info
     except BaseException as e:
         tails = _log_tails(pdir)
-        pids = _launcher_pids(cluster)
+        pids = _ipp.launcher_pids(cluster)
         tree = {p for lp in pids for p in _proc.process_tree(lp)}
         _proc.stop_pids(tree, groups=pids, grace_s=3.0)
         _remove_files(pdir)
@@ -319,19 +306,6 @@ def _remove_files(pdir: Path) -> None:
         (sec / f).unlink(missing_ok=True)
 
 
-def _cluster_file_pids(pdir: Path) -> list[int]:
-    """PIDs ipyparallel recorded (includes engines added later, e.g. walltime replacements)."""
-    try:
-        d = json.loads((pdir / "security" / "cluster-.json").read_text())
-    except (OSError, ValueError):
-        return []
-    pids = [d.get("controller", {}).get("state", {}).get("pid", -1)]
-    for es in d.get("engines", {}).get("sets", {}).values():
-        pids.append(es.get("pid", -1))
-        pids += [e.get("pid", -1) for e in es.get("engines", {}).values()]
-    return [p for p in pids if isinstance(p, int) and p > 0]
-
-
 def _same_process(info: ClusterInfo, pid: int) -> bool:
     """False if ``pid`` now belongs to another process than the one recorded at start (PID reuse)."""
     then = info.pid_times.get(str(pid))
@@ -341,7 +315,7 @@ def _same_process(info: ClusterInfo, pid: int) -> bool:
 
 def _cleanup(info: ClusterInfo) -> int:
     pdir = Path(info.profile_dir)
-    groups = {g for g in set(info.launcher_pids) | set(_cluster_file_pids(pdir)) if _same_process(info, g)}
+    groups = {g for g in set(info.launcher_pids) | set(_ipp.cluster_file_pids(pdir)) if _same_process(info, g)}
     # now-current descendants too: nannies and MPI proxies live in other sessions
     pids = {p for p in info.pids if _same_process(info, p)} | {p for g in groups for p in _proc.process_tree(g)}
     ours = {p for p in pids | groups if _proc.alive(p)}
@@ -361,7 +335,7 @@ def stop(profile: str | None = None) -> tuple[ClusterInfo, int]:
 def force_clean(profile: str) -> None:
     """Remove a damaged state file's profile leftovers (ipyparallel's own record of PIDs is still used)."""
     pdir = profile_dir(profile)
-    groups = _cluster_file_pids(pdir)
+    groups = _ipp.cluster_file_pids(pdir)
     _proc.stop_pids({p for g in groups for p in _proc.process_tree(g)}, groups=groups)
     _remove_files(pdir)
 

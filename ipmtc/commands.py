@@ -24,21 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import IpmtcError, JournalError
+from .errors import CommandFailed, CommandWalltime, JournalError, TaskFileError
 
 KILL_GRACE_S = 5.0
-
-
-class TaskFileError(IpmtcError):
-    """A task file cannot be read or holds no commands."""
-
-
-class CommandFailed(Exception):
-    """A command exited with a non-zero status (or was killed by a signal)."""
-
-
-class CommandWalltime(Exception):
-    """A command ran past its walltime and was killed."""
 
 
 # ---------------------------------------------------------------- task files

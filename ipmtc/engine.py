@@ -38,6 +38,8 @@ import signal
 import sys
 from typing import NoReturn
 
+from . import _ipp
+
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -65,20 +67,20 @@ class _NannyFork:
     """
 
     def __init__(self) -> None:
-        from ipyparallel.engine import nanny  # imported once, here, for both processes
+        from ipyparallel.engine import nanny  # noqa: F401 (imported once, here, for both processes)
 
         cmd_r, self._cmd_w = os.pipe()
         self._out_r, out_w = os.pipe()
         if os.fork() == 0:  # the waiting nanny
             os.close(self._cmd_w)
             os.close(self._out_r)
-            self._serve(nanny, cmd_r, out_w)
+            self._serve(cmd_r, out_w)
         os.close(cmd_r)
         os.close(out_w)
         self._handle = None
 
     @staticmethod
-    def _serve(nanny, cmd_r: int, out_w: int) -> None:
+    def _serve(cmd_r: int, out_w: int) -> None:
         code = 0
         try:
             os.setsid()  # like ipyparallel's Popen(start_new_session=True): signals to the engine's group pass by
@@ -93,7 +95,7 @@ class _NannyFork:
             if data:
                 kwargs = pickle.loads(data)
                 kwargs["pipe"] = os.fdopen(out_w, "w", buffering=1)
-                nanny.KernelNanny.main(**kwargs)
+                _ipp.nanny_main(**kwargs)
         except BaseException:
             code = 1
         finally:
@@ -185,7 +187,7 @@ def main() -> None:
 
     if copies:
         _own_log(f"local{_fork_copies(copies)}")
-    app.start_nanny = _NannyFork().start_nanny
+    _ipp.install_nanny_starter(_NannyFork().start_nanny)
     app.main()
 
 

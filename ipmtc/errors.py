@@ -48,3 +48,48 @@ class EnginesLostError(IpmtcError):
 
 class JournalError(IpmtcError):
     """The task journal cannot be used (locked, foreign, incompatible, unwritable)."""
+
+
+class ReportError(IpmtcError):
+    """A run cannot be read for a report (missing, not a saved map or journal, damaged)."""
+
+
+class CommandError(IpmtcError):
+    """A helper command (sbatch, scontrol, ...) failed or timed out."""
+
+
+class TaskFileError(IpmtcError):
+    """A task file of ``ipmtc run`` cannot be read or holds no commands."""
+
+
+# ---------------------------------------------------------------- task outcomes (not user mistakes)
+# Raised on an engine for one task and carried back to the driver as that task's failure;
+# they derive from Exception, not IpmtcError: the CLI never prints them as its own errors.
+
+
+class CommandFailed(Exception):
+    """A command task exited with a non-zero status (or was killed by a signal)."""
+
+
+class CommandWalltime(Exception):
+    """A command task ran past its walltime and was killed."""
+
+
+class ChannelLost(Exception):
+    """A chunk's listener went away before answering (the chunk is run again, uncharged)."""
+
+    ename = "ChannelLost"
+
+
+class ChunkFailed(Exception):
+    """The chunk could not run at all on the engine (each of its tasks is charged)."""
+
+    def __init__(self, err: dict[str, str]):
+        super().__init__(err.get("evalue", ""))
+        self.ename = err.get("ename", "")
+        self.evalue = err.get("evalue", "")
+        self.traceback = err.get("traceback", "")
+
+
+class JournalWarning(UserWarning):
+    """The journal stopped recording during a map (the map itself goes on)."""

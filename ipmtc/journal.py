@@ -75,7 +75,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import JournalError
+from .errors import JournalError, JournalWarning
 from .keys import function_id, key_for, key_function, key_prefix, keys_for, task_key  # noqa: F401 (API)
 
 SCHEMA_VERSION = 1
@@ -114,10 +114,6 @@ _INSERT = f"INSERT OR REPLACE INTO tasks ({', '.join(_COLUMNS)}) VALUES ({', '.j
 _RECORD_ROW = operator.attrgetter("key", "index", "outcome", "attempts", "resubmits", "engine_id", "host", "pid",
                                   "started", "finished", "error")  # a TaskRecord as an inbox row
 _STORED = ("outcome", "attempts", "engine_id", "host", "pid", "started", "finished", "error")
-
-
-class JournalWarning(UserWarning):
-    """The journal stopped recording during a map (the map itself goes on)."""
 
 
 # ---------------------------------------------------------------- the journal

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import IpmtcError
+from .errors import IpmtcError, ReportError
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 COLORS = {"ok": "#4a9a3a", "retried": "#f0a030", "raised": "#d62728", "walltime": "#8c4fbd",
@@ -36,10 +36,6 @@ LABELS = {"ok": "ok", "retried": "raised, retried", "raised": "raised (failed)",
           "aborted": "straggler aborted", "lost": "lost with its engine (inferred)"}
 FINAL = ("ok", "raised", "walltime")
 HTML_PLOT_MAX_ATTEMPTS = 20_000  # notebook display draws the timeline up to this many bars
-
-
-class ReportError(IpmtcError):
-    """The run cannot be read (missing, not a saved map or journal, damaged)."""
 
 
 @dataclass

@@ -43,6 +43,9 @@ from typing import Any
 
 import zmq
 
+from .. import _ipp
+from ..errors import ChannelLost, ChunkFailed
+
 PING_EVERY_S = 2.0
 ORPHAN_AFTER_S = 30.0  # an idle listener that heard nothing from its driver for this long closes
 MAPS_KEPT = 4  # functions a listener keeps (maps running at once from one driver)
@@ -146,13 +149,12 @@ class _Listener:
     """One driver's socket on an engine's event loop."""
 
     def __init__(self, address: str, nonce: bytes):
-        from IPython import get_ipython
         from tornado.ioloop import PeriodicCallback
         from zmq.eventloop.zmqstream import ZMQStream
 
-        kernel = get_ipython().kernel
+        session_key, self.engine_id, io_loop = _ipp.kernel_parts(_ipp.engine_kernel())
         self.address = address
-        self.key, self.engine_id = _map_key(kernel.session.key, nonce), kernel.engine_id
+        self.key = _map_key(session_key, nonce)
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.linger = 0
         self.sock.sndhwm = 0  # a send never blocks the engine, even with its driver gone
@@ -161,10 +163,10 @@ class _Listener:
         self.out = _plain(sys.__stdout__), _plain(sys.__stderr__)  # the engine's own output: its log
         self.maps: OrderedDict[str, tuple] = OrderedDict()
         self.heard = time.monotonic()
-        self.stream = ZMQStream(self.sock, kernel.io_loop)
+        self.stream = ZMQStream(self.sock, io_loop)
         self.stream.on_recv(self._on_recv, copy=True)
         self.watch = PeriodicCallback(self._check, 1000)
-        kernel.io_loop.add_callback(self.watch.start)
+        io_loop.add_callback(self.watch.start)
         self._send(("hello", self.engine_id, secrets.token_hex(8)))  # the token: a replay is refused
 
     def _send(self, header: tuple, payload: Any = None) -> None:
@@ -270,7 +272,7 @@ def _fds_to_log(kernel_streams: tuple) -> list[tuple[int, int]]:
     writes there is not published by ipykernel's capture; [(fd, the capture's end), ...]."""
     moved = []
     for fd, stream in zip((1, 2), kernel_streams):
-        original = getattr(stream, "_original_stdstream_copy", None)
+        original = _ipp.captured_fd_copy(stream)
         if original is not None:
             moved.append((fd, os.dup(fd)))
             os.dup2(original, fd)
@@ -303,21 +305,6 @@ def _with_unsendable_as_errors(out: tuple) -> tuple:
 
 
 # ---------------------------------------------------------------- driver side
-
-
-class ChannelLost(Exception):
-    """A chunk's listener went away before answering (the chunk is run again, uncharged)."""
-
-    ename = "ChannelLost"
-
-
-class ChunkFailed(Exception):
-    """The chunk could not run at all on the engine (each of its tasks is charged)."""
-
-    def __init__(self, err: dict):
-        super().__init__(err.get("evalue", ""))
-        self.ename, self.evalue, self.traceback = err.get("ename", ""), err.get("evalue", ""), \
-            err.get("traceback", "")
 
 
 class ChannelResult:

@@ -38,6 +38,7 @@ from typing import Any
 
 from ipyparallel.error import NoEnginesRegistered
 
+from .. import _ipp
 from ..errors import EnginesLostError
 from . import runner
 from .channel import ATTACH, Channel, ChannelResult
@@ -426,13 +427,7 @@ class Dispatcher:
             self.per_engine[chunk.target] -= 1
 
     def _engine_of(self, mid: str, chunk: _Chunk) -> int | None:
-        # ipyparallel may drop client.metadata[mid] once reply and output are in; the
-        # AsyncResult keeps its own reference to the same record
-        md = self.client.metadata.get(mid) or (chunk.ar._metadata[0] if chunk.ar is not None else {})
-        eid = md.get("engine_id")
-        if eid is None and md.get("engine_uuid"):
-            # the reply can be handled before ipyparallel fills engine_id in
-            eid = next((i for i, u in self.client._engines.items() if u == md["engine_uuid"]), None)
+        eid = _ipp.engine_of_reply(self.client, mid, chunk.ar)
         return eid if eid is not None else chunk.target
 
     def _learn(self, duration: float) -> None:
@@ -481,16 +476,7 @@ class Dispatcher:
         if self.channel is not None and mid in self.channel.results:
             self.channel.forget(mid)  # never went through ipyparallel
             return
-        client = self.client
-        client.results.pop(mid, None)
-        client._futures.pop(mid, None)
-        out = client._output_futures.get(mid)
-        if out is None or out.done():
-            client.metadata.pop(mid, None)
-            client._output_futures.pop(mid, None)
-        # else the task's printed output is still on its way: ipyparallel drops the metadata (and
-        # its output future) once the engine's 'idle' comes; dropped now, the late output would
-        # recreate the entry for good
+        _ipp.forget_result(self.client, mid)
         self.to_purge.append(mid)
         if len(self.to_purge) >= PURGE_EVERY:
             self._flush_purge()
@@ -502,13 +488,9 @@ class Dispatcher:
             return
         ids, self.to_purge = self.to_purge, []
         try:
-            # sent without waiting for the hub's answer: purge_hub_results would block the map
+            # sent without waiting for the hub's answer: a blocking purge would hold the map
             # for a hub round trip each time, the last one inside every map's wall time
-            if hasattr(self.client, "_send") and hasattr(self.client, "_query_stream"):
-                self.client._send(self.client._query_stream, "purge_request",
-                                  content={"engine_ids": [], "msg_ids": ids})
-            else:  # another ipyparallel: its public, blocking call
-                self.client.purge_hub_results(jobs=ids)
+            _ipp.purge_hub_nowait(self.client, ids)
         except Exception:  # NoDB keeps nothing to purge; a busy hub is not worth failing for
             pass
 

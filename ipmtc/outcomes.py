@@ -1,0 +1,24 @@
+"""How a task, or one attempt of it, ended: the one spelling of each outcome.
+
+Final outcomes (``TaskRecord.outcome``, the journal's ``outcome`` column):
+``OK``, ``RAISED``, ``WALLTIME``, ``UNDONE``. Attempt outcomes (``TaskRecord.history``
+and the engine's per-task rows) add ``LOST`` (its engine died), ``STRAGGLER``
+(aborted by ``fast_abort``), ``ABORTED`` and ``NOTRUN`` (the engine's words for a
+task interrupted by SIGINT and for the rest of its chunk). The values are plain
+strings because they are stored in journals and JSON reports.
+"""
+from __future__ import annotations
+
+from typing import Final
+
+OK: Final = "ok"
+RAISED: Final = "raised"  # the task's function raised (retries spent)
+WALLTIME: Final = "walltime"  # killed at its walltime (retries spent)
+UNDONE: Final = "undone"  # never handed out: allocation ending, engines gone
+LOST: Final = "lost"  # its engine died under it (no retry spent)
+STRAGGLER: Final = "straggler"  # aborted by fast_abort and rerun elsewhere (no retry spent)
+ABORTED: Final = "aborted"  # engine side: interrupted by SIGINT
+NOTRUN: Final = "notrun"  # engine side: not reached in its chunk
+
+FAILED: Final = (RAISED, WALLTIME)  # final outcomes that count as failures
+FINAL: Final = (OK, RAISED, WALLTIME)  # outcomes a journal records
