@@ -16,6 +16,7 @@ import click
 from . import cluster as _cluster
 from . import presets as _presets
 from .errors import IpmtcError
+from .outcomes import OK
 
 
 def _fail_cleanly(fn):
@@ -200,14 +201,7 @@ def profile():
 @_fail_cleanly
 def profile_create(preset, name, engines, sets):
     """Write the profile (controller, engine, cluster config) without starting anything."""
-    from . import allocation, launch, profile as _profile
-
-    resolved = _presets.resolve(preset, _parse_sets(sets))
-    alloc = allocation.detect()
-    plan = launch.plan_engines(resolved.preset, alloc, engines=engines)
-    resolved = _presets.concretize(resolved, plan.n_engines)
-    pdir = _profile.write_profile(resolved, plan, alloc, name or _profile.default_name(alloc))
-    click.echo(str(pdir))
+    click.echo(str(_cluster.create_profile(preset=preset, flags=_parse_sets(sets), engines=engines, profile=name)))
 
 
 @main.command()
@@ -323,7 +317,7 @@ def journal_show(path, failed_only, csv_out, jsonl_out):
                    f"run{'s' if len(runs) != 1 else ''} (last started {when}"
                    + (f" by pid {last['pid']} on {last['host']})" if last else ")"))
         click.echo(f"  {'outcome':10s} {'tasks':>8s}")
-        for outcome in sorted(counts, key=lambda o: (o != "ok", o)):
+        for outcome in sorted(counts, key=lambda o: (o != OK, o)):
             click.echo(f"  {outcome:10s} {counts[outcome]:8d}")
         click.echo(f"  {'total':10s} {total:8d}")
         failed = list(jr.rows(failed_only=True))
@@ -381,9 +375,44 @@ def _export_journal(jr, out: str, fmt: str, failed_only: bool) -> int:
     return n
 
 
-from .report import report_command  # noqa: E402  (kept lazy inside: matplotlib loads only for --plot)
+@main.command("report")
+@click.argument("run", metavar="RUN", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--plot", "plot_path", metavar="PNG", type=click.Path(dir_okay=False, path_type=str),
+              help="draw the timeline (one row per engine, one bar per attempt) as PNG")
+@click.option("--html", "html_path", metavar="HTML", type=click.Path(dir_okay=False, path_type=str),
+              help="write a self-contained HTML page (tables + embedded timeline)")
+@click.option("--gap-s", type=float, help="list idle gaps longer than this (default: max(0.1 s, median task))")
+@click.option("--top", type=click.IntRange(min=0), default=5, show_default=True, help="slowest tasks listed")
+@click.option("--startup-s", type=float, help="the cluster's start-up time, if the run file does not say")
+@click.option("--json", "as_json", is_flag=True, help="print the numbers as JSON instead of text")
+@_fail_cleanly
+def report(run, plot_path, html_path, gap_s, top, startup_s, as_json):
+    """Tasks, failures, retries, engine losses, makespan, efficiency, utilization, idle gaps, slowest tasks.
 
-main.add_command(report_command())
+    RUN is a task journal (SQLite) or the JSON written by MapResult.save().
+    """
+    import json
+
+    from . import report as _report  # matplotlib is imported only for --plot / --html
+    from .errors import ReportError
+
+    rep = _report.analyze(run, gap_s=gap_s, top=top, startup_s=startup_s)
+    if as_json:
+        click.echo(json.dumps({"metrics": rep.metrics, "hosts": rep.hosts, "idle_gaps": rep.gaps,
+                               "slowest": rep.slowest}, indent=1, default=str))
+    else:
+        click.echo(_report.text(rep))
+    try:
+        if plot_path:
+            _report.plot_timeline(rep.run, plot_path)
+            click.echo(f"timeline: {plot_path}", err=as_json)
+        if html_path:
+            _report.write_html(rep, html_path)
+            click.echo(f"html: {html_path}", err=as_json)
+    except ImportError:
+        raise ReportError("--plot and --html need matplotlib: pip install 'ipmtc[plot]'") from None
+    except OSError as e:
+        raise ReportError(f"cannot write {e.filename}: {e.strerror}") from None
 
 
 if __name__ == "__main__":  # pragma: no cover

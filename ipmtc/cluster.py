@@ -184,6 +184,37 @@ def _live_engine_processes(cluster) -> tuple[int, int]:
     return sum(_proc.alive(p) for p in pids), len(pids)
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What a start (or ``ipmtc profile create``) will do: resolved preset, allocation, engine plan, profile."""
+
+    resolved: presets.Resolved
+    alloc: allocation.Allocation
+    plan: EnginePlan
+    name: str
+
+
+def resolve_setup(*, preset: str | None = None, flags: Mapping[str, Any] | None = None, nodes: int | None = None,
+                  engines: int | None = None, profile: str | None = None,
+                  environ: Mapping[str, str] | None = None) -> Setup:
+    """The one resolve step: flags > ``IPMTC_*`` > preset file > built-in preset, then the allocation and plan."""
+    environ = os.environ if environ is None else environ
+    resolved = presets.resolve(preset, flags, environ)
+    alloc = allocation.detect(environ)
+    plan = plan_engines(resolved.preset, alloc, nodes=nodes, engines=engines)
+    resolved = presets.concretize(resolved, plan.n_engines)
+    name = profile or environ.get("IPMTC_PROFILE") or default_name(alloc)
+    return Setup(resolved, alloc, plan, name)
+
+
+def create_profile(*, preset: str | None = None, flags: Mapping[str, Any] | None = None,
+                   engines: int | None = None, profile: str | None = None,
+                   environ: Mapping[str, str] | None = None) -> Path:
+    """Write the profile a start would write (``ipmtc profile create``), without starting anything."""
+    setup = resolve_setup(preset=preset, flags=flags, engines=engines, profile=profile, environ=environ)
+    return write_profile(setup.resolved, setup.plan, setup.alloc, setup.name)
+
+
 def start(*, preset: str | None = None, flags: Mapping[str, Any] | None = None, nodes: int | None = None,
           engines: int | None = None, profile: str | None = None, environ: Mapping[str, str] | None = None,
           on_progress: Callable[[int, int], None] | None = None) -> ClusterInfo:
@@ -194,12 +225,9 @@ def start(*, preset: str | None = None, flags: Mapping[str, Any] | None = None, 
     nothing it started is left running.
     """
     t0 = time.monotonic()
-    environ = os.environ if environ is None else environ
-    resolved = presets.resolve(preset, flags, environ)
-    alloc = allocation.detect(environ)
-    plan: EnginePlan = plan_engines(resolved.preset, alloc, nodes=nodes, engines=engines)
-    resolved = presets.concretize(resolved, plan.n_engines)
-    name = profile or environ.get("IPMTC_PROFILE") or default_name(alloc)
+    setup = resolve_setup(preset=preset, flags=flags, nodes=nodes, engines=engines, profile=profile,
+                          environ=environ)
+    resolved, alloc, plan, name = setup.resolved, setup.alloc, setup.plan, setup.name
     pdir = profile_dir(name)
     old = _load_state(pdir) if pdir.exists() else None
     if old is not None:

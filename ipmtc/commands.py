@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CommandFailed, CommandWalltime, JournalError, TaskFileError
+from .outcomes import FAILED, OK, WALLTIME
+from .stats import task_stats
 
 KILL_GRACE_S = 5.0
 
@@ -269,30 +271,25 @@ def _abort_outstanding(client) -> None:
 def summarize(res, tasks: Sequence[tuple[int, str]], journal=None, *, slowest: int = 5) -> dict[str, Any]:
     """Counts for the final table: done now, skipped (journal), failed (now / journal), undone, slowest."""
     hits = journal.hit_keys if journal is not None else set()
-    done = skipped = failed_now = failed_before = walltime = 0
+    st = task_stats(res.records)  # the same counts as MapResult.summary() and ipmtc report
+    skipped = failed_before = walltime = 0
     rows, failed_rows = [], []
     for rec in res.records:
         n, cmd = tasks[rec.index]
         from_journal = rec.key is not None and rec.key in hits
-        if rec.outcome == "ok":
-            if from_journal:
-                skipped += 1
-            else:
-                done += 1
-        elif rec.outcome in ("raised", "walltime"):
-            if from_journal:
-                failed_before += 1
-            else:
-                failed_now += 1
-            if (rec.error or "").startswith("CommandWalltime") or rec.outcome == "walltime":
+        if rec.outcome == OK:
+            skipped += from_journal
+        elif rec.outcome in FAILED:
+            failed_before += from_journal
+            if (rec.error or "").startswith("CommandWalltime") or rec.outcome == WALLTIME:
                 walltime += 1
             failed_rows.append((n, rec.attempts, rec.error or "", from_journal))
         if rec.duration_s is not None:
             rows.append((rec.duration_s, n, cmd, rec.outcome, from_journal))
     rows.sort(reverse=True)
-    return {"commands": len(tasks), "done": done, "skipped": skipped, "failed": failed_now + failed_before,
-            "failed_now": failed_now, "failed_before": failed_before, "walltime": walltime,
-            "undone": len(res.undone), "slowest": rows[:slowest], "failed_rows": sorted(failed_rows)}
+    return {"commands": len(tasks), "done": st.ok - skipped, "skipped": skipped, "failed": st.failed,
+            "failed_now": st.failed - failed_before, "failed_before": failed_before, "walltime": walltime,
+            "undone": st.undone, "slowest": rows[:slowest], "failed_rows": sorted(failed_rows)}
 
 
 def format_summary(s: dict[str, Any], *, outdir: str | os.PathLike, journal_path=None, elapsed_s: float = 0.0,

@@ -22,19 +22,21 @@ import base64
 import html
 import io
 import json
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import IpmtcError, ReportError
+from .errors import ReportError
+from .outcomes import FINAL, LOST, OK, RAISED, STRAGGLER, WALLTIME
+from .stats import efficiency, task_stats
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
-COLORS = {"ok": "#4a9a3a", "retried": "#f0a030", "raised": "#d62728", "walltime": "#8c4fbd",
-          "aborted": "#17a2c0", "lost": "#8a8a8a"}
-LABELS = {"ok": "ok", "retried": "raised, retried", "raised": "raised (failed)", "walltime": "killed by walltime",
-          "aborted": "straggler aborted", "lost": "lost with its engine (inferred)"}
-FINAL = ("ok", "raised", "walltime")
+# timeline bar kinds: the outcomes, plus "retried" (raised, ran again) and "aborted" (straggler)
+RETRIED, ABORTED_BAR = "retried", "aborted"
+COLORS = {OK: "#4a9a3a", RETRIED: "#f0a030", RAISED: "#d62728", WALLTIME: "#8c4fbd",
+          ABORTED_BAR: "#17a2c0", LOST: "#8a8a8a"}
+LABELS = {OK: "ok", RETRIED: "raised, retried", RAISED: "raised (failed)", WALLTIME: "killed by walltime",
+          ABORTED_BAR: "straggler aborted", LOST: "lost with its engine (inferred)"}
 HTML_PLOT_MAX_ATTEMPTS = 20_000  # notebook display draws the timeline up to this many bars
 
 
@@ -166,15 +168,15 @@ def attempts(run: Run) -> list[Attempt]:
         if r["outcome"] in FINAL and r["started"] is not None and r["finished"] is not None:
             final = (r["engine_id"], r["host"], r["started"], r["finished"], r["outcome"])
             # a failure is recorded both as the last history entry and as the final attempt
-            if hist and r["outcome"] != "ok" and hist[-1][4] == r["outcome"] and \
+            if hist and r["outcome"] != OK and hist[-1][4] == r["outcome"] and \
                     (hist[-1][2], hist[-1][3]) == (r["started"], r["finished"]):
                 hist.pop()
         seq = hist + ([final] if final else [])
         for pos, (eid, host, t0, t1, how) in enumerate(seq):
             last = final is not None and pos == len(seq) - 1
-            kind = {"raised": "raised" if last else "retried", "walltime": "walltime", "ok": "ok",
-                    "straggler": "aborted", "lost": "lost"}.get(how)
-            if kind == "lost" and (t0 is None or t1 is None):
+            kind = {RAISED: RAISED if last else RETRIED, WALLTIME: WALLTIME, OK: OK,
+                    STRAGGLER: ABORTED_BAR, LOST: LOST}.get(how)
+            if kind == LOST and (t0 is None or t1 is None):
                 lost.append((eid, r["index"], next((s[2] for s in seq[pos + 1:] if s[2] is not None), None)))
             elif kind is not None and t0 is not None and t1 is not None:
                 out.append(Attempt(r["index"], eid, host, t0, t1, kind))
@@ -199,13 +201,13 @@ def attempts(run: Run) -> list[Attempt]:
         for eid, t in loss_at.items():
             before = [a.end for a in out if a.engine == eid and a.end <= t]
             t0 = max(before) if before else min((s[0] for s in run.spans), default=t)
-            out.append(Attempt(-1, eid, host_of.get(eid), t0, t, "lost", inferred=True))
+            out.append(Attempt(-1, eid, host_of.get(eid), t0, t, LOST, inferred=True))
     return out
 
 
 def lost_engines(atts: list[Attempt]) -> dict[int, float]:
     """engine -> (inferred) time it was lost."""
-    return {a.engine: a.end for a in atts if a.kind == "lost"}
+    return {a.engine: a.end for a in atts if a.kind == LOST}
 
 
 def analyze(run, *, gap_s: float | None = None, top: int = 5, startup_s: float | None = None) -> Report:
@@ -218,22 +220,18 @@ def analyze(run, *, gap_s: float | None = None, top: int = 5, startup_s: float |
     makespan = sum(e - s for s, e, _ in run.spans)
     capacity = sum((e - s) * n for s, e, n in run.spans)
     engines = max((n for _, _, n in run.spans), default=0)
-    ok_d = [r["finished"] - r["started"] for r in recs if r["outcome"] == "ok" and r["started"] is not None
-            and r["finished"] is not None]
+    st = task_stats(recs)
     if gap_s is None:
-        gap_s = max(0.1, statistics.median(ok_d)) if ok_d else 0.1
+        gap_s = max(0.1, st.median_task_s) if st.median_task_s is not None else 0.1
     losses = run.engine_losses if run.engine_losses is not None else (
         len(lost_engines(atts)) if any(r["history"] for r in recs) else None)
-    m = {"source": run.source, "schedule": run.schedule, "tasks": len(recs),
-         "ok": sum(r["outcome"] == "ok" for r in recs),
-         "failed": sum(r["outcome"] in ("raised", "walltime") for r in recs),
-         "undone": sum(r["outcome"] not in FINAL for r in recs),
-         "retries": sum(max(0, r["attempts"] - 1) for r in recs),
-         "resubmits": sum(r["resubmits"] for r in recs),
+    eff = efficiency(busy, capacity)
+    m = {"source": run.source, "schedule": run.schedule, "tasks": st.tasks, "ok": st.ok, "failed": st.failed,
+         "undone": st.undone, "retries": st.retries, "resubmits": st.resubmits,
          "engine_losses": losses, "engines": engines, "startup_s": run.startup_s,
          "makespan_s": round(makespan, 6), "busy_s": round(busy, 6),
-         "efficiency": round(busy / capacity, 6) if capacity > 0 else None,
-         "median_task_s": round(statistics.median(ok_d), 6) if ok_d else None, "gap_threshold_s": gap_s}
+         "efficiency": round(eff, 6) if eff is not None else None,
+         "median_task_s": st.median_task_s, "gap_threshold_s": gap_s}
     t_origin = min((s for s, _, _ in run.spans), default=0.0)
 
     per_host: dict[str, dict[str, Any]] = {}
@@ -362,9 +360,9 @@ def plot_timeline(run, path: str | Path | None = None, *, title: str | None = No
                 bars.setdefault(row[a.engine], []).append((a.start - t0, max(a.end - a.start, 1e-9)))
         for y, xs in bars.items():
             ax.broken_barh(xs, (y - 0.4, 0.8), facecolors=color, edgecolors="white" if not many else "none",
-                           linewidth=0 if many else 0.4, hatch="//" if kind == "lost" else None)
+                           linewidth=0 if many else 0.4, hatch="//" if kind == LOST else None)
         if bars:
-            ax.bar(0, 0, color=color, label=LABELS[kind], hatch="//" if kind == "lost" else None)
+            ax.bar(0, 0, color=color, label=LABELS[kind], hatch="//" if kind == LOST else None)
     gone = lost_engines(atts)
     if gone:
         ax.scatter([t - t0 for t in gone.values()], [row[e] for e in gone], marker="X", s=70, color="black",
@@ -443,51 +441,5 @@ def write_html(rep: Report, path: str | Path) -> Path:
     return Path(path)
 
 
-def report_command():
-    """The ``ipmtc report`` click command (registered by ``ipmtc.cli``)."""
-    import sys
-
-    import click
-
-    @click.command("report")
-    @click.argument("run", metavar="RUN", type=click.Path(dir_okay=False, path_type=str))
-    @click.option("--plot", "plot_path", metavar="PNG", type=click.Path(dir_okay=False, path_type=str),
-                  help="draw the timeline (one row per engine, one bar per attempt) as PNG")
-    @click.option("--html", "html_path", metavar="HTML", type=click.Path(dir_okay=False, path_type=str),
-                  help="write a self-contained HTML page (tables + embedded timeline)")
-    @click.option("--gap-s", type=float, help="list idle gaps longer than this (default: max(0.1 s, median task))")
-    @click.option("--top", type=click.IntRange(min=0), default=5, show_default=True, help="slowest tasks listed")
-    @click.option("--startup-s", type=float, help="the cluster's start-up time, if the run file does not say")
-    @click.option("--json", "as_json", is_flag=True, help="print the numbers as JSON instead of text")
-    def report(run, plot_path, html_path, gap_s, top, startup_s, as_json):
-        """Tasks, failures, retries, engine losses, makespan, efficiency, utilization, idle gaps, slowest tasks.
-
-        RUN is a task journal (SQLite) or the JSON written by MapResult.save().
-        """
-        try:
-            rep = analyze(run, gap_s=gap_s, top=top, startup_s=startup_s)
-            if as_json:
-                click.echo(json.dumps({"metrics": rep.metrics, "hosts": rep.hosts, "idle_gaps": rep.gaps,
-                                       "slowest": rep.slowest}, indent=1, default=str))
-            else:
-                click.echo(text(rep))
-            try:
-                if plot_path:
-                    plot_timeline(rep.run, plot_path)
-                    click.echo(f"timeline: {plot_path}", err=as_json)
-                if html_path:
-                    write_html(rep, html_path)
-                    click.echo(f"html: {html_path}", err=as_json)
-            except ImportError:
-                raise ReportError("--plot and --html need matplotlib: pip install 'ipmtc[plot]'") from None
-            except OSError as e:
-                raise ReportError(f"cannot write {e.filename}: {e.strerror}") from None
-        except IpmtcError as e:
-            click.echo(f"ipmtc: error: {e}", err=True)
-            sys.exit(1)
-
-    return report
-
-
 __all__ = ["Attempt", "Report", "ReportError", "Run", "analyze", "attempts", "html_page", "load",
-           "plot_timeline", "report_command", "text", "write_html"]
+           "plot_timeline", "text", "write_html"]

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import json
-import statistics
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-# outcomes of a task (final) and of an attempt
-OK, RAISED, WALLTIME, LOST, UNDONE = "ok", "raised", "walltime", "lost", "undone"
+from .. import report
+from ..outcomes import LOST, OK, RAISED, UNDONE, WALLTIME  # noqa: F401 (imported from here by older code)
+from ..stats import efficiency, task_stats
 
 
 @dataclass(slots=True)
@@ -26,7 +26,7 @@ class TaskRecord:
     finished: float | None = None
     attempts: int = 0  # attempts charged to the task (its own exceptions / walltime)
     resubmits: int = 0  # re-runs not charged: engine lost, straggler abort, drained
-    outcome: str | None = None  # ok | raised | walltime | undone
+    outcome: str | None = None  # final: ipmtc.outcomes OK | RAISED | WALLTIME | UNDONE
     error: str | None = None  # "Ename: message" of the last failure
     history: list = field(default_factory=list)  # earlier attempts: (engine_id, host, started, finished, outcome)
 
@@ -106,22 +106,22 @@ class MapResult:
         busy = sum(r.duration_s or 0.0 for r in recs if r.outcome == OK) + sum(
             (h[3] - h[2]) for r in recs for h in r.history if h[2] and h[3])
         makespan = (self.finished_at or 0) - (self.started_at or 0) if self.started_at else 0.0
-        durations = [r.duration_s for r in recs if r.outcome == OK and r.duration_s is not None]
-        eff = busy / (self.n_engines * makespan) if self.n_engines and makespan > 0 else None
+        st = task_stats(recs)
+        eff = efficiency(busy, self.n_engines * makespan)
         return {
             "schedule": self.schedule,
-            "tasks": len(recs),
-            "ok": sum(r.outcome == OK for r in recs),
-            "failed": len(self.failed),
-            "undone": len(self.undone),
-            "retries": sum(max(0, r.attempts - 1) for r in recs),
-            "resubmits": sum(r.resubmits for r in recs),
+            "tasks": st.tasks,
+            "ok": st.ok,
+            "failed": st.failed,
+            "undone": st.undone,
+            "retries": st.retries,
+            "resubmits": st.resubmits,
             "from_journal": self.journal_hits,
             "engine_losses": self.engine_losses,
             "engines": self.n_engines,
             "makespan_s": round(makespan, 3),
             "busy_s": round(busy, 3),
-            "median_task_s": round(statistics.median(durations), 6) if durations else None,
+            "median_task_s": st.median_task_s,
             "efficiency": round(eff, 4) if eff is not None else None,
         }
 
@@ -132,14 +132,10 @@ class MapResult:
 
     def plot_timeline(self, path: str | Path | None = None, **kwargs):
         """Timeline (Gantt chart) of the map, one row per engine; a matplotlib Figure (PNG at ``path``)."""
-        from ..report import plot_timeline
-
-        return plot_timeline(self, path, **kwargs)
+        return report.plot_timeline(self, path, **kwargs)
 
     def _repr_html_(self) -> str:  # notebooks: summary table and timeline
-        from ..report import html_fragment
-
-        return html_fragment(self)
+        return report.html_fragment(self)
 
     def save(self, path: str | Path) -> Path:
         """Write the records and summary as JSON (``ipmtc report`` reads it)."""

@@ -6,7 +6,7 @@ import json
 from click.testing import CliRunner
 
 import ipmtc
-from ipmtc import report
+from ipmtc import cli, report
 
 
 def sleepy_or_fail(x):
@@ -32,7 +32,7 @@ def test_report_of_a_saved_map(rc, tmp_path):
     assert abs(m["busy_s"] - busy) < 1e-5 and 0 < m["efficiency"] <= 1
 
     png, page = tmp_path / "t.png", tmp_path / "r.html"
-    out = CliRunner().invoke(report.report_command(), [str(path), "--plot", str(png), "--html", str(page)])
+    out = CliRunner().invoke(cli.report, [str(path), "--plot", str(png), "--html", str(page)])
     assert out.exit_code == 0, out.output
     assert "tasks             40 (ok 34, failed 6, undone 0)" in out.output
     assert png.stat().st_size > 10_000 and "data:image/png;base64," in page.read_text()
@@ -47,7 +47,7 @@ def test_report_of_a_saved_map(rc, tmp_path):
 def test_report_of_a_journal(rc, tmp_path):
     db = tmp_path / "run.db"
     res = ipmtc.dynamic_map(sleepy_or_fail, range(30), client=rc, journal=str(db), progress=False)
-    out = CliRunner().invoke(report.report_command(), [str(db), "--json"])
+    out = CliRunner().invoke(cli.report, [str(db), "--json"])
     assert out.exit_code == 0, out.output
     m = json.loads(out.stdout)["metrics"]
     assert (m["tasks"], m["ok"], m["failed"]) == (30, 26, 4)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ipmtc import report
+from ipmtc import cli, report
 from ipmtc.maps.result import MapResult, TaskRecord
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report_run.json"
@@ -138,7 +138,7 @@ def test_report_of_a_journal(tmp_path):
 
 
 def test_cli(tmp_path):
-    cmd = report.report_command()
+    cmd = cli.report
     runner = CliRunner()
     png, page = tmp_path / "t.png", tmp_path / "r.html"
     r = runner.invoke(cmd, [str(FIXTURE), "--plot", str(png), "--html", str(page), "--gap-s", "0.75"])
@@ -153,7 +153,7 @@ def test_cli_bad_run_file(tmp_path, content):
     path = tmp_path / "bad.json"
     if content is not None:
         path.write_text(content)
-    r = CliRunner().invoke(report.report_command(), [str(path)])
+    r = CliRunner().invoke(cli.report, [str(path)])
     assert r.exit_code == 1 and "ipmtc: error:" in r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
 
