@@ -8,16 +8,26 @@ One allocation, thousands of independent tasks, every result back::
 """
 from __future__ import annotations
 
-from .commands import run_commands
 from .cluster import ClusterInfo, connect, list_clusters, start, status, stop
+from .commands import run_commands
+from .errors import (
+                     AllocationError,
+                     ClusterError,
+                     EnginesLostError,
+                     IpmtcError,
+                     JournalError,
+                     MapError,
+                     NoClusterError,
+                     PresetError,
+                     StartupError,
+)
 from .maps import MapResult, TaskFailure, TaskRecord, dynamic_map, static_map
-from .errors import (AllocationError, ClusterError, EnginesLostError, IpmtcError, JournalError, MapError,
-                     NoClusterError, PresetError, StartupError)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AllocationError", "ClusterError", "ClusterInfo", "EnginesLostError", "IpmtcError", "JournalError",
     "MapError", "NoClusterError", "PresetError", "StartupError", "connect", "list_clusters", "start",
-    "status", "stop", "__version__", "MapResult", "TaskFailure", "TaskRecord", "dynamic_map", "static_map", "run_commands",
+    "status", "stop", "__version__", "MapResult", "TaskFailure", "TaskRecord", "dynamic_map", "static_map",
+    "run_commands",
 ]

@@ -374,11 +374,11 @@ def _pbs_end_time(environ: Mapping[str, str]) -> float | None:
             limit = _parse_walltime(fields.get("Resource_List.walltime", ""))
             if limit is not None:
                 for key in ("start_time", "stime"):  # Torque / PBS Pro
-                    started = fields.get(key, "")
-                    if started.isdigit():
-                        return float(started) + limit
+                    stamp = fields.get(key, "")
+                    if stamp.isdigit():
+                        return float(stamp) + limit
                     try:
-                        return datetime.strptime(" ".join(started.split()), "%a %b %d %H:%M:%S %Y").timestamp() \
+                        return datetime.strptime(" ".join(stamp.split()), "%a %b %d %H:%M:%S %Y").timestamp() \
                             + limit
                     except ValueError:
                         pass

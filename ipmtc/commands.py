@@ -238,7 +238,7 @@ def run_commands(commands: Sequence[Any], *, client=None, outdir: str | os.PathL
         _abort_outstanding(client)
         raise
     finally:
-        if own:
+        if own and jr is not None:
             jr.close()
     if jr is not None and jr.error is not None:
         err = JournalError(str(jr.error))

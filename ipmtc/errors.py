@@ -5,9 +5,17 @@ anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+from typing import Any
+
 
 class IpmtcError(Exception):
-    """Base of all errors ipmtc raises on purpose (user mistakes, failed starts)."""
+    """Base of all errors ipmtc raises on purpose (user mistakes, failed starts).
+
+    An error raised while a map ran carries the map's results as ``.result``
+    (a :class:`~ipmtc.maps.result.MapResult`): nothing computed is lost.
+    """
+
+    result: Any = None
 
 
 class PresetError(IpmtcError):

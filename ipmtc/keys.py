@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import JournalError
 
+
 def function_id(fn: Callable) -> str:
     """``module:qualname`` of a function, method, callable object or ``functools.partial``."""
     if isinstance(fn, functools.partial):

@@ -262,7 +262,8 @@ def concretize(resolved: Resolved, n_engines: int) -> Resolved:
     """
     period = resolved.preset.heartbeat_period_ms
     rules = auto_values(n_engines, None if period == AUTO else int(period))
-    changes, sources = {}, dict(resolved.sources)
+    changes: dict[str, Any] = {}
+    sources = dict(resolved.sources)
     for key, value in rules.items():
         if getattr(resolved.preset, key) == AUTO:
             changes[key] = value

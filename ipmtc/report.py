@@ -187,16 +187,16 @@ def attempts(run: Run) -> list[Attempt]:
             t = nxt if nxt is not None else end_all
             if t is not None and eid is not None:
                 loss_at[eid] = min(loss_at.get(eid, t), t)
-        unknown = [nxt if nxt is not None else end_all for eid, _, nxt in lost if eid is None]
-        unknown = [t for t in unknown if t is not None]
+        unknown = [t for eid, _, nxt in lost if eid is None
+                   if (t := nxt if nxt is not None else end_all) is not None]
         k = (run.engine_losses or 0) - len(loss_at)
         if unknown and k > 0:  # the engine of a lost attempt was not recorded: of the engines never seen
             t = min(unknown)  # again once the losses were handled, those that fell silent first
-            last: dict[Any, float] = {}
+            last_end: dict[Any, float] = {}
             for a in out:
-                last[a.engine] = max(last.get(a.engine, a.end), a.end)
+                last_end[a.engine] = max(last_end.get(a.engine, a.end), a.end)
             gone = {a.engine for a in out} - {a.engine for a in out if a.start >= t} - set(loss_at)
-            loss_at.update({e: t for e in sorted(gone, key=lambda e: last[e])[:k]})
+            loss_at.update({e: t for e in sorted(gone, key=lambda e: last_end[e])[:k] if e is not None})
         host_of = {a.engine: a.host for a in out}
         for eid, t in loss_at.items():
             before = [a.end for a in out if a.engine == eid and a.end <= t]
@@ -207,7 +207,7 @@ def attempts(run: Run) -> list[Attempt]:
 
 def lost_engines(atts: list[Attempt]) -> dict[int, float]:
     """engine -> (inferred) time it was lost."""
-    return {a.engine: a.end for a in atts if a.kind == LOST}
+    return {a.engine: a.end for a in atts if a.kind == LOST and a.engine is not None}
 
 
 def analyze(run, *, gap_s: float | None = None, top: int = 5, startup_s: float | None = None) -> Report:
@@ -374,7 +374,7 @@ def plot_timeline(run, path: str | Path | None = None, *, title: str | None = No
                         for e in engines[::step]], fontsize=8 if len(engines) < 40 else 6)
     ax.set_ylim(-0.6, len(engines) - 0.4)
     ax.invert_yaxis()
-    for s, e, _ in run.spans[1:]:  # journal: a new driver run starts here
+    for s, _end, _ in run.spans[1:]:  # journal: a new driver run starts here
         ax.axvline(s - t0, color="black", linestyle=":", linewidth=0.8)
     ax.set_xlim(0, max((e for _, e, _ in run.spans), default=t0 + 1) - t0)
     ax.set_xlabel("seconds since the map started")

@@ -1,0 +1,111 @@
+"""Every seam of ``ipmtc/_ipp.py`` against the installed ipyparallel / ipykernel.
+
+When a release moves one of the private internals ipmtc relies on, the test of
+that seam fails here with its name, instead of a map misbehaving somewhere else.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import ipyparallel
+import pytest
+
+from ipmtc import _ipp, cluster
+
+
+def _engine_view_of_kernel():
+    from ipmtc import _ipp as seam
+
+    key, engine_id, io_loop = seam.kernel_parts(seam.engine_kernel())
+    return key, engine_id, callable(getattr(io_loop, "add_callback", None))
+
+
+def _captured_fd():
+    import os as _os
+    import sys as _sys
+
+    from ipmtc import _ipp as seam
+
+    fd = seam.captured_fd_copy(_sys.stdout)
+    return fd, (fd is not None and _os.fstat(fd) is not None)
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_pinned_major_is_installed():
+    assert ipyparallel.__version__.split(".")[0] == "9", "pyproject pins ipyparallel>=9,<10"
+
+
+def test_engine_of_reply_forget_result_and_nowait_purge(rc):
+    target = rc.ids[-1]
+    ar = rc[target].apply_async(os.getpid)
+    ar.get(timeout=30)
+    mid = ar.msg_ids[0]
+    assert _ipp.engine_of_reply(rc, mid, ar) == target
+    # once ipyparallel drops the client's metadata, the AsyncResult's own reference still says where
+    rc.metadata.pop(mid, None)
+    assert _ipp.engine_of_reply(rc, mid, ar) == target
+
+    _wait_for(lambda: mid not in rc._output_futures or rc._output_futures[mid].done(), 30, "the task's output")
+    _ipp.forget_result(rc, mid)
+    assert mid not in rc.results and mid not in rc._futures
+    assert mid not in rc.metadata and mid not in rc._output_futures
+
+    assert rc.db_query({"msg_id": mid}, keys=["msg_id"])  # the hub (DictDB) holds it before the purge
+    _ipp.purge_hub_nowait(rc, [mid])
+    _wait_for(lambda: not rc.db_query({"msg_id": mid}, keys=["msg_id"]), 30, "the hub to purge the task")
+
+
+def test_kernel_parts_on_an_engine(rc):
+    key, engine_id, has_loop = rc[rc.ids[0]].apply_sync(_engine_view_of_kernel)
+    assert key == rc.session.key and engine_id == rc.ids[0] and has_loop
+
+
+def test_engine_kernel_outside_an_engine_says_so():
+    with pytest.raises(RuntimeError, match="not inside"):
+        _ipp.engine_kernel()
+
+
+def test_nanny_seams_match_the_engine_app():
+    from ipyparallel.engine import app, nanny
+
+    # IPEngine.start_nanny calls the module-level name that install_nanny_starter replaces
+    assert "start_nanny" in app.IPEngine.start_nanny.__code__.co_names
+    assert callable(app.start_nanny)
+    assert isinstance(nanny.KernelNanny.__dict__["main"], classmethod)
+    saved = app.start_nanny
+    try:
+        marker = lambda **kw: ("url", None)  # noqa: E731
+        _ipp.install_nanny_starter(marker)
+        assert app.start_nanny is marker
+    finally:
+        app.start_nanny = saved
+
+
+def test_launcher_pids_cluster_file_pids_and_captured_fd(start_cluster, monkeypatch):
+    # ipykernel leaves fds 1/2 alone under pytest (it looks for PYTEST_CURRENT_TEST): engines started
+    # without it capture them as they do for users
+    monkeypatch.delenv("PYTEST_CURRENT_TEST", raising=False)
+    info = start_cluster(2)
+    assert info.launcher_pids[0] == info.controller_pid and len(info.launcher_pids) >= 2
+    recorded = _ipp.cluster_file_pids(info.profile_dir)
+    assert info.controller_pid in recorded
+    assert set(info.launcher_pids) <= set(recorded)
+
+    client = cluster.connect(info.profile)
+    try:
+        client.wait_for_engines(2, timeout=30)
+        fd, valid = client[client.ids[0]].apply_sync(_captured_fd)
+    finally:
+        client.close()
+    # the copy of the real fd 1 that ipykernel's capture keeps is an open fd
+    assert isinstance(fd, int) and valid
+    assert _ipp.captured_fd_copy(sys.__stdout__) is None  # a plain stream has no capture
