@@ -16,7 +16,9 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import weakref
 
 import pytest
 from click.testing import CliRunner
@@ -24,10 +26,19 @@ from click.testing import CliRunner
 from ipmtc import commands
 from ipmtc import journal as J
 from ipmtc.cli import main as cli_main
-from ipmtc.commands import (CommandFailed, CommandWalltime, TaskFileError, _group_members, command_key,
-                            read_task_file, run_command)
+from ipmtc.commands import (
+    CommandFailed,
+    CommandWalltime,
+    TaskFileError,
+    _group_members,
+    command_key,
+    read_task_file,
+    run_command,
+)
 from ipmtc.errors import IpmtcError, JournalError
 from ipmtc.journal import Journal, JournalWarning, function_id, key_for, key_function, task_key
+from ipmtc.journal import reader as journal_reader
+from ipmtc.journal import writer as journal_writer
 from ipmtc.maps.result import TaskRecord
 
 
@@ -150,8 +161,8 @@ def test_roundtrip_reopen_and_failed_tasks(tmp_path):
 def test_unmerged_inbox_is_read_everywhere(tmp_path, monkeypatch):
     """A short map with many records leaves its batches in the inbox; every reader still sees them."""
     db = tmp_path / "run.db"
-    monkeypatch.setattr(J, "MERGE_ALWAYS", 10)
-    monkeypatch.setattr(J, "MERGE_COST_S", 1.0)  # 'folding costs too much': leave it to the next open
+    monkeypatch.setattr(journal_writer, "MERGE_ALWAYS", 10)
+    monkeypatch.setattr(journal_writer, "MERGE_COST_S", 1.0)  # 'folding costs too much': leave it to the next open
     with Journal.open(db, fn=square) as j:
         fill(j, 300, fail_every=100)
     con = sqlite3.connect(db)
@@ -167,11 +178,11 @@ def test_unmerged_inbox_is_read_everywhere(tmp_path, monkeypatch):
         j.add(rec(100, square), 10_000)
     with Journal.open(db, fn=square) as j:
         j.compact()
-        assert j._conn.execute("SELECT count(*) FROM inbox").fetchone() == (0,)
+        assert j._reader().execute("SELECT count(*) FROM inbox").fetchone() == (0,)
         assert j.counts() == {"ok": 298, "raised": 2}
     with Journal.open(db, fn=square) as j:
         fill(j, 1, start=7)  # a rewrite of a row of the tasks table (few records: folded in at close)
-    monkeypatch.setattr(J, "PRELOAD_MAX_ROWS", 0)  # task-by-task lookups: the open folds the inbox first
+    monkeypatch.setattr(journal_reader, "PRELOAD_MAX_ROWS", 0)  # task-by-task lookups: the open folds the inbox first
     with Journal.open(db, fn=square) as j:
         assert j.lookup(task_key(square, 100))[0] == 10_000
         assert j.lookup(task_key(square, 6))[0] == 36
@@ -197,8 +208,8 @@ def test_chunks_pickled_by_engines_are_stored_as_they_came(tmp_path, monkeypatch
     blob = runner._for_journal(J.key_prefix(square), tasks, rows)
     assert rows == []  # each task travels once: inside the journal's pickle
     db = tmp_path / "run.db"
-    monkeypatch.setattr(J, "MERGE_ALWAYS", 0)
-    monkeypatch.setattr(J, "MERGE_COST_S", 1.0)  # keep the chunk in the inbox for the first reader
+    monkeypatch.setattr(journal_writer, "MERGE_ALWAYS", 0)
+    monkeypatch.setattr(journal_writer, "MERGE_COST_S", 1.0)  # keep the chunk in the inbox for the first reader
     with Journal.open(db, fn=square) as j:
         j.add_chunk(blob, 4, 3, "node7", 4242, skip=[2], overrides={4: (2, 1)})
         j.add(rec(9), 81)  # a record the driver made, in the same journal
@@ -245,6 +256,26 @@ def test_unpicklable_result_is_not_recorded(tmp_path):
     with Journal.open(db, fn=square) as j:
         assert j.lookup(task_key(square, 1))[0] == 1 and j.lookup(task_key(square, 3))[0] == 9
         assert j.lookup(task_key(square, 2)) is None  # runs again
+
+
+def test_unclosed_journal_is_collected_and_lets_go_without_committing(tmp_path):
+    """Dropped without close(): the writer thread does not keep it alive; its finalizer closes the file and
+    releases the lock, commits nothing (what was only queued is lost, as in a crash) and ends the thread."""
+    db = tmp_path / "run.db"
+    j = Journal.open(db, fn=square, flush_interval_s=60)
+    j.add(rec(1), 1)
+    j.flush()  # recorded
+    j.add(rec(2), 4)  # only queued
+    thread = j._writer._thread
+    ref = weakref.ref(j)
+    del j
+    assert ref() is None  # no reference cycle, the thread holds only the writer and the store
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert all(t.name != "ipmtc-journal-run.db" for t in threading.enumerate())
+    with Journal.open(db, fn=square) as j:  # the lock is free
+        assert j.lookup(task_key(square, 1))[0] == 1
+        assert j.lookup(task_key(square, 2)) is None
 
 
 # --------------------------------------------------------------------------- bad input
@@ -582,7 +613,7 @@ def test_result_whose_class_is_gone_runs_again(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "gone_mod")
     mod.unlink()
     for preload in (True, False):
-        monkeypatch.setattr(J, "PRELOAD_MAX_ROWS", 10 if preload else 0)
+        monkeypatch.setattr(journal_reader, "PRELOAD_MAX_ROWS", 10 if preload else 0)
         with pytest.warns(JournalWarning, match="cannot be unpickled"):
             with Journal.open(db, fn=square) as j:
                 assert j.lookup(task_key(square, 1)) is None

@@ -1,0 +1,288 @@
+"""Recording finished tasks: queued in memory, committed in batches, folded into the tasks table.
+
+The dispatcher's thread only queues (:meth:`Writer.add`, :meth:`Writer.add_chunk`);
+a background thread commits what is queued every ``flush_interval_s`` (or every
+``batch`` records) as rows of the ``inbox`` table, one transaction per commit.
+:meth:`Writer.merge` folds the inbox into the ``tasks`` table: when the journal is
+opened or closed (unless that would add noticeably to a very short map) and in
+:meth:`~ipmtc.journal.Journal.compact`.
+
+The thread refers to the :class:`Writer` and its :class:`~.store.Store`, never to
+the :class:`~ipmtc.journal.Journal`, so a journal that is dropped unclosed can be
+collected; its finalizer then calls :meth:`Writer.abandon` (the thread ends
+without writing) and releases the store.
+"""
+from __future__ import annotations
+
+import operator
+import pickle
+import sqlite3
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from ..errors import JournalError, JournalWarning
+from ..outcomes import OK
+from .reader import Row, _task_rows
+from .store import _INSERT, Store
+
+if TYPE_CHECKING:
+    from ..maps.result import TaskRecord
+
+FLUSH_INTERVAL_S = 0.5
+BATCH = 2_000  # queued records that wake the writer before its interval is up
+MAX_PENDING = 200_000  # back-pressure: add() writes itself when the writer lags this far behind
+MERGE_ALWAYS = 5_000  # close() folds the inbox into the tasks table when it holds at most this many records,
+MERGE_COST_S = 8e-6  # or when folding (about this much per record)
+MERGE_SHARE = 0.05  # costs at most this share of the time the journal was open
+
+_RECORD_ROW = operator.attrgetter("key", "index", "outcome", "attempts", "resubmits", "engine_id", "host", "pid",
+                                  "started", "finished", "error")  # a TaskRecord as an inbox row
+
+Chunk = tuple[dict[str, Any], bytes, int]  # (header, the engine's pickled rows, tasks): see add_chunk
+Batch = tuple[int, bytes, bytes | None]  # one inbox row: (tasks, rows, vals)
+
+
+class Writer:
+    """The queues of finished tasks, the thread that commits them, and the fold into the tasks table."""
+
+    def __init__(self, store: Store, flush_interval_s: float, batch: int) -> None:
+        self.store = store
+        self.flush_interval_s = flush_interval_s
+        self.batch = batch
+        self.error: JournalError | None = None  # set when recording failed during a map
+        self.n_recorded = 0  # tasks committed by this driver
+        self.n_unrecorded = 0  # finished tasks this driver could not record
+        self.pickle_problem: str | None = None
+        # finished tasks not committed yet: records and results in two queues (no tuple per task);
+        # add() appends the record first, so the writer takes len(_values) of each
+        self._records: deque[TaskRecord] = deque()
+        self._values: deque[Any] = deque()
+        # whole chunks as the engines made them (add_chunk)
+        self._chunks: deque[Chunk] = deque()
+        self._chunk_tasks = 0  # tasks queued in _chunks (approximate: wakes the writer)
+        self._items: deque[tuple[Any, Callable[[Any], str] | None]] = deque()  # inputs of records the writer keys
+        self._opened_at = 0.0
+        self._wake = threading.Event()
+        self._stopping = False  # close(): write what is queued, then end
+        self._abandoned = False  # the journal was collected unclosed: end without writing
+        self._thread: threading.Thread | None = None
+        self._reported = False
+        self._pickle_reported = False
+
+    # ------------------------------------------------------------ queueing (the dispatcher's thread)
+
+    def add(self, rec: TaskRecord, value: Any, item: Any, key_of: Callable[[Any], str] | None) -> None:
+        """Queue a finished task (see :meth:`Journal.add`)."""
+        if self.error is not None:
+            self._unrecorded(1)
+            return
+        if rec.key is None:
+            self._items.append((item, key_of))
+        self._records.append(rec)
+        q = self._values
+        q.append(value)
+        n = len(q)
+        if n == self.batch:  # once per batch: Event.set() costs more than the rest of add()
+            self._wake.set()
+        elif n >= MAX_PENDING:  # the writer lags far behind: write here (back-pressure)
+            self.write_pending()
+
+    def add_chunk(self, pickled_rows: bytes, n: int, engine_id: int | None, host: str, pid: int,
+                  skip: list[int], overrides: dict[int, tuple[int, int]]) -> None:
+        """Queue the ok tasks of one chunk as the engine pickled them (see :meth:`Journal.add_chunk`)."""
+        if self.error is not None:
+            self._unrecorded(n)
+            return
+        head = {"chunk": 1, "engine_id": engine_id, "host": host, "pid": pid, "skip": skip, "over": overrides}
+        self._chunks.append((head, pickled_rows, n))
+        self._chunk_tasks += n
+        if self._chunk_tasks >= self.batch:
+            self._chunk_tasks = 0
+            self._wake.set()
+
+    def _unrecorded(self, n: int) -> None:
+        """Count ``n`` tasks offered after writing failed as unrecorded (and say so, once)."""
+        self.n_unrecorded += n
+        self.report()
+
+    def report(self) -> None:
+        """Warn, once each, that recording failed and that some results cannot be pickled."""
+        if self.error is not None and not self._reported:
+            self._reported = True
+            warnings.warn(str(self.error), JournalWarning, stacklevel=3)
+        if self.pickle_problem and not self._pickle_reported:
+            self._pickle_reported = True
+            warnings.warn(f"journal {self.store.path}: some results cannot be pickled ({self.pickle_problem}); "
+                          "they are not recorded and will be computed again on a rerun", JournalWarning,
+                          stacklevel=3)
+
+    # ------------------------------------------------------------ the background thread
+
+    def start(self) -> None:
+        self._opened_at = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name=f"ipmtc-journal-{self.store.path.name}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.flush_interval_s)
+            self._wake.clear()
+            if self._abandoned:
+                return
+            stopping = self._stopping
+            try:
+                self.write_pending()
+            except Exception as e:  # never die silently: the map goes on, the error is reported
+                if self.error is None:
+                    self.error = e if isinstance(e, JournalError) else JournalError(
+                        self.store.write_error_message(e, opening=False, recorded=self.n_recorded))
+            if stopping:
+                return
+
+    def finish(self) -> None:
+        """Stop the thread, commit what is queued, fold the inbox in (unless too costly now), end the run."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.write_pending()  # (also sets runs.ended)
+        if self.error is None and self.store.conn is not None:
+            try:
+                self._fold_on_close()
+            except sqlite3.Error:
+                pass  # recorded batches stay in the inbox; the next open folds them in
+
+    def abandon(self) -> None:
+        """Tell the thread to end without writing anything more (the journal's finalizer; never joins)."""
+        self._abandoned = True
+        self._wake.set()
+
+    # ------------------------------------------------------------ committing
+
+    def write_pending(self) -> None:
+        """Commit the queued records as one inbox batch and each queued chunk as one more (one transaction)."""
+        with self.store.write_lock:
+            if self._abandoned:
+                return
+            rows, values, chunks = self._take()
+            if not rows and not chunks:
+                return
+            in_chunks = sum(c[2] for c in chunks)
+            if self.error is not None:
+                self.n_unrecorded += len(rows) + in_chunks
+                return
+            rows, batches = self._encode(rows, values, chunks)
+            if batches:
+                self._commit(batches, len(rows) + in_chunks)
+
+    def _take(self) -> tuple[list[Row], list[Any], list[Chunk]]:
+        """Empty the queues: records as inbox rows (keyed here where the dispatcher did not), results, chunks."""
+        n = len(self._values)
+        chunks = [self._chunks.popleft() for _ in range(len(self._chunks))]
+        pop_r, pop_v = self._records.popleft, self._values.popleft
+        recs = [pop_r() for _ in range(n)]
+        if self._items:
+            pop_i = self._items.popleft
+            for rec in recs:
+                if rec.key is None:
+                    item, key_of = pop_i()
+                    rec.key = cast(Callable[[Any], str], key_of)(item)  # given with every record without a key
+        rows = list(map(_RECORD_ROW, recs))
+        values = [pop_v() for _ in range(n)]
+        return rows, values, chunks
+
+    def _encode(self, rows: list[Row], values: list[Any], chunks: list[Chunk]) -> tuple[list[Row], list[Batch]]:
+        """The inbox rows of one commit; ``rows`` without the records whose result cannot be pickled."""
+        # each result pickled on its own (a lookup or the fold never has to unpickle the others)
+        dumps, proto = pickle.dumps, pickle.HIGHEST_PROTOCOL
+        try:
+            blobs = [dumps(v, protocol=proto) if row[2] == OK else None for row, v in zip(rows, values)]
+        except Exception:  # some result cannot be pickled: record the others
+            rows, blobs = self._picklable(rows, values)
+        batches: list[Batch] = [(len(rows), dumps(rows, protocol=proto), dumps(blobs, protocol=proto))] if rows else []
+        batches += [(k, dumps(head, protocol=proto), blob) for head, blob, k in chunks]
+        return rows, batches
+
+    def _picklable(self, rows: list[Row], values: list[Any]) -> tuple[list[Row], list[bytes | None]]:
+        keep_rows, blobs = [], []
+        for row, v in zip(rows, values):
+            try:
+                blob = pickle.dumps(v, protocol=pickle.HIGHEST_PROTOCOL) if row[2] == OK else None
+            except Exception as e:
+                self.n_unrecorded += 1
+                if self.pickle_problem is None:
+                    self.pickle_problem = f"task {row[1]}: {type(e).__name__}: {e}"
+                continue
+            keep_rows.append(row)
+            blobs.append(blob)
+        return keep_rows, blobs
+
+    def _commit(self, batches: list[Batch], total: int) -> None:
+        """One transaction: the batches into the inbox, this run's count; a failure is kept in :attr:`error`."""
+        now = time.time()
+        conn = self.store.writer()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("INSERT INTO inbox (run, recorded, n, rows, vals) VALUES (?, ?, ?, ?, ?)",
+                             [(self.store.run, now, k, rblob, vblob) for k, rblob, vblob in batches])
+            conn.execute("UPDATE runs SET recorded = recorded + ?, ended = ? WHERE run = ?",
+                         (total, now, self.store.run))
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            self.store.rollback()
+            self.n_unrecorded += total
+            self.error = JournalError(self.store.write_error_message(e, opening=False, recorded=self.n_recorded))
+            return
+        self.n_recorded += total
+
+    # ------------------------------------------------------------ folding the inbox into the tasks table
+
+    def merge(self) -> None:
+        """Fold the inbox into the tasks table (one transaction: all of it or nothing, in batch order)."""
+        with self.store.write_lock:
+            conn = self.store.writer()
+            seqs = [r[0] for r in conn.execute("SELECT seq FROM inbox ORDER BY seq")]
+            if not seqs:
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for seq in seqs:
+                    run, recorded, rblob, vblob = conn.execute(
+                        "SELECT run, recorded, rows, vals FROM inbox WHERE seq = ?", (seq,)).fetchone()
+                    conn.executemany(_INSERT, _task_rows(rblob, vblob, run, recorded))
+                conn.execute("DELETE FROM inbox WHERE seq <= ?", (seqs[-1],))
+                conn.execute("COMMIT")
+            except BaseException:
+                self.store.rollback()
+                raise
+
+    def fold_on_open(self, inbox: int, preload: bool) -> None:
+        """At open: fold ``inbox`` records in when lookups go task by task (they read the tasks table only)."""
+        if inbox and (not preload or inbox <= MERGE_ALWAYS):
+            try:
+                self.merge()
+            except sqlite3.Error as e:
+                raise JournalError(self.store.write_error_message(e, opening=True)) from None
+
+    def _fold_on_close(self) -> None:
+        # fold the batches into the tasks table, unless that would add noticeably to a very short map's
+        # time (a later open or close does it then)
+        conn = self.store.writer()
+        pending = conn.execute("SELECT coalesce(sum(n), 0) FROM inbox").fetchone()[0]
+        elapsed = time.monotonic() - self._opened_at
+        if pending <= MERGE_ALWAYS or pending * MERGE_COST_S <= MERGE_SHARE * elapsed:
+            self.merge()
+        if not self.n_recorded:
+            conn.execute("UPDATE runs SET ended = ? WHERE run = ?", (time.time(), self.store.run))
+
+    def compact(self) -> None:
+        """Fold every committed batch in now (:meth:`Journal.compact`)."""
+        try:
+            self.merge()
+        except sqlite3.Error as e:
+            raise JournalError(self.store.write_error_message(e, opening=False, recorded=self.n_recorded)) from None
