@@ -71,6 +71,28 @@ def purge_hub_nowait(client: Any, msg_ids: list[str]) -> None:
         client.purge_hub_results(jobs=msg_ids)
 
 
+def hub_probe_socket(client: Any, context: Any) -> Any:
+    """A new DEALER socket, in ``context``, connected where ``client`` sends its hub queries.
+
+    For telling whether the controller still answers (ipyparallel's own queries
+    block without a timeout). Relies on: ``Client._query_socket`` (its
+    ``LAST_ENDPOINT`` is the registration address, or the local end of the ssh
+    tunnel to it) and the client's ``curve_*`` key attributes, copied over.
+    """
+    import zmq
+
+    endpoint = client._query_socket.getsockopt(zmq.LAST_ENDPOINT).decode()
+    sock = context.socket(zmq.DEALER)
+    sock.linger = 0
+    serverkey = getattr(client, "curve_serverkey", None)
+    if serverkey:
+        sock.curve_serverkey = serverkey
+        sock.curve_secretkey = client.curve_secretkey
+        sock.curve_publickey = client.curve_publickey
+    sock.connect(endpoint)
+    return sock
+
+
 # ---------------------------------------------------------------- engine side: the kernel
 
 
@@ -172,6 +194,6 @@ def cluster_file_pids(profile_dir: str | Path) -> list[int]:
 
 
 __all__ = [
-    "captured_fd_copy", "cluster_file", "cluster_file_pids", "engine_kernel", "engine_of_reply",
+    "captured_fd_copy", "hub_probe_socket", "cluster_file", "cluster_file_pids", "engine_kernel", "engine_of_reply",
     "forget_result", "install_nanny_starter", "kernel_parts", "launcher_pids", "nanny_main", "purge_hub_nowait",
 ]

@@ -95,12 +95,14 @@ class Journal:
         """Commit what is queued, release the lock. Idempotent; never raises for a failed write."""
         if self._closed:
             return
-        if not self.readonly:
-            self._writer.finish()
-            self._writer.report()
-        self._closed = True
-        self._lookups.forget()
-        self._finalizer()  # closes the connections, releases the lock
+        try:
+            if not self.readonly:
+                self._writer.finish()
+                self._writer.report()
+        finally:
+            self._closed = True
+            self._lookups.forget()
+            self._finalizer()  # closes the connections, releases the lock
 
     def __enter__(self) -> Journal:
         return self
@@ -129,8 +131,8 @@ class Journal:
     def add(self, rec: TaskRecord, value: Any, item: Any = None, key_of: Callable[[Any], str] | None = None) -> None:
         """Record a finished task (``rec`` a :class:`~ipmtc.maps.result.TaskRecord`, ``value`` None if it failed).
 
-        Cheap: the record is queued; the background writer commits it within
-        ``flush_interval_s``. The record must not change afterwards (the
+        Cheap: the record is queued; the background writer commits it with the
+        next group commit (milliseconds). The record must not change afterwards (the
         dispatcher never touches a finished task's record again). A record
         without a key gets ``key_of(item)`` from the writer (off the map's path:
         a map over a new journal looks nothing up, so it needs no key up front).
@@ -156,7 +158,7 @@ class Journal:
         """Commit everything queued now. Never raises for a failed write: see :attr:`error`."""
         if self._closed or self.readonly:
             return
-        self._writer.write_pending()
+        self._writer.write_safely()
         self._writer.report()
 
     def compact(self) -> None:

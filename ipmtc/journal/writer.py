@@ -1,8 +1,12 @@
 """Recording finished tasks: queued in memory, committed in batches, folded into the tasks table.
 
 The dispatcher's thread only queues (:meth:`Writer.add`, :meth:`Writer.add_chunk`);
-a background thread commits what is queued every ``flush_interval_s`` (or every
-``batch`` records) as rows of the ``inbox`` table, one transaction per commit.
+a background thread commits what is queued as rows of the ``inbox`` table, one
+transaction per commit -- a *group commit*: whenever the thread is idle, what
+was queued meanwhile is committed at once, so a finished task is durable a few
+milliseconds after the driver received it (the time of one commit), and tasks
+that arrive during a commit share the next one. A driver SIGKILLed at any
+moment therefore loses only what arrived during the last commit.
 :meth:`Writer.merge` folds the inbox into the ``tasks`` table: when the journal is
 opened or closed (unless that would add noticeably to a very short map) and in
 :meth:`~ipmtc.journal.Journal.compact`.
@@ -32,8 +36,8 @@ from .store import _INSERT, Store
 if TYPE_CHECKING:
     from ..maps.result import TaskRecord
 
-FLUSH_INTERVAL_S = 0.5
-BATCH = 2_000  # queued records that wake the writer before its interval is up
+FLUSH_INTERVAL_S = 0.5  # the longest the thread sleeps without being woken (nothing waits on it)
+BATCH = 2_000  # kept for the API: the thread now commits whenever it is idle
 MAX_PENDING = 200_000  # back-pressure: add() writes itself when the writer lags this far behind
 MERGE_ALWAYS = 5_000  # close() folds the inbox into the tasks table when it holds at most this many records,
 MERGE_COST_S = 8e-6  # or when folding (about this much per record)
@@ -63,10 +67,10 @@ class Writer:
         self._values: deque[Any] = deque()
         # whole chunks as the engines made them (add_chunk)
         self._chunks: deque[Chunk] = deque()
-        self._chunk_tasks = 0  # tasks queued in _chunks (approximate: wakes the writer)
         self._items: deque[tuple[Any, Callable[[Any], str] | None]] = deque()  # inputs of records the writer keys
         self._opened_at = 0.0
         self._wake = threading.Event()
+        self._idle = False  # the thread waits for work: the next add wakes it (group commit)
         self._stopping = False  # close(): write what is queued, then end
         self._abandoned = False  # the journal was collected unclosed: end without writing
         self._thread: threading.Thread | None = None
@@ -85,10 +89,10 @@ class Writer:
         self._records.append(rec)
         q = self._values
         q.append(value)
-        n = len(q)
-        if n == self.batch:  # once per batch: Event.set() costs more than the rest of add()
+        if self._idle:  # read after the append: the thread re-checks the queues after going idle
+            self._idle = False
             self._wake.set()
-        elif n >= MAX_PENDING:  # the writer lags far behind: write here (back-pressure)
+        elif len(q) >= MAX_PENDING:  # the writer lags far behind: write here (back-pressure)
             self.write_pending()
 
     def add_chunk(self, pickled_rows: bytes, n: int, engine_id: int | None, host: str, pid: int,
@@ -99,9 +103,8 @@ class Writer:
             return
         head = {"chunk": 1, "engine_id": engine_id, "host": host, "pid": pid, "skip": skip, "over": overrides}
         self._chunks.append((head, pickled_rows, n))
-        self._chunk_tasks += n
-        if self._chunk_tasks >= self.batch:
-            self._chunk_tasks = 0
+        if self._idle:
+            self._idle = False
             self._wake.set()
 
     def _unrecorded(self, n: int) -> None:
@@ -128,21 +131,32 @@ class Writer:
                                         daemon=True)
         self._thread.start()
 
+    def _pending(self) -> bool:
+        return bool(self._values or self._chunks)
+
     def _run(self) -> None:
         while True:
-            self._wake.wait(self.flush_interval_s)
-            self._wake.clear()
+            if not self._pending() and not self._stopping:
+                self._idle = True
+                if not self._pending():  # an add between the check and idle=True saw idle=False
+                    self._wake.wait(self.flush_interval_s)
+                self._idle = False
+                self._wake.clear()
             if self._abandoned:
                 return
             stopping = self._stopping
-            try:
-                self.write_pending()
-            except Exception as e:  # never die silently: the map goes on, the error is reported
-                if self.error is None:
-                    self.error = e if isinstance(e, JournalError) else JournalError(
-                        self.store.write_error_message(e, opening=False, recorded=self.n_recorded))
+            self.write_safely()
             if stopping:
                 return
+
+    def write_safely(self) -> None:
+        """:meth:`write_pending`, any failure kept in :attr:`error` (the map goes on; never raises)."""
+        try:
+            self.write_pending()
+        except Exception as e:
+            if self.error is None:
+                self.error = e if isinstance(e, JournalError) else JournalError(
+                    self.store.write_error_message(e, opening=False, recorded=self.n_recorded))
 
     def finish(self) -> None:
         """Stop the thread, commit what is queued, fold the inbox in (unless too costly now), end the run."""
@@ -150,11 +164,11 @@ class Writer:
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
-        self.write_pending()  # (also sets runs.ended)
+        self.write_safely()  # (also sets runs.ended)
         if self.error is None and self.store.conn is not None:
             try:
                 self._fold_on_close()
-            except sqlite3.Error:
+            except Exception:
                 pass  # recorded batches stay in the inbox; the next open folds them in
 
     def abandon(self) -> None:
@@ -186,15 +200,28 @@ class Writer:
         chunks = [self._chunks.popleft() for _ in range(len(self._chunks))]
         pop_r, pop_v = self._records.popleft, self._values.popleft
         recs = [pop_r() for _ in range(n)]
-        if self._items:
-            pop_i = self._items.popleft
-            for rec in recs:
-                if rec.key is None:
-                    item, key_of = pop_i()
-                    rec.key = cast(Callable[[Any], str], key_of)(item)  # given with every record without a key
-        rows = list(map(_RECORD_ROW, recs))
         values = [pop_v() for _ in range(n)]
-        return rows, values, chunks
+        if self._items:
+            recs, values = self._keyed(recs, values)
+        return list(map(_RECORD_ROW, recs)), values, chunks
+
+    def _keyed(self, recs: list[TaskRecord], values: list[Any]) -> tuple[list[TaskRecord], list[Any]]:
+        """Key the records the dispatcher left unkeyed; one whose input cannot be keyed is not recorded."""
+        pop_i = self._items.popleft
+        keep_r, keep_v = [], []
+        for rec, value in zip(recs, values):
+            if rec.key is None:
+                item, key_of = pop_i()
+                try:
+                    rec.key = cast(Callable[[Any], str], key_of)(item)  # given with every record without a key
+                except Exception as e:  # e.g. an input that cannot be pickled: that task alone goes unrecorded
+                    self.n_unrecorded += 1
+                    if self.pickle_problem is None:
+                        self.pickle_problem = f"task {rec.index}: its input cannot be keyed: {type(e).__name__}: {e}"
+                    continue
+            keep_r.append(rec)
+            keep_v.append(value)
+        return keep_r, keep_v
 
     def _encode(self, rows: list[Row], values: list[Any], chunks: list[Chunk]) -> tuple[list[Row], list[Batch]]:
         """The inbox rows of one commit; ``rows`` without the records whose result cannot be pickled."""

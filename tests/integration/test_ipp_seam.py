@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import ipyparallel
 import pytest
 
 from ipmtc import _ipp, cluster
+
+from .._wait import wait_for
 
 
 def _engine_view_of_kernel():
@@ -32,14 +33,6 @@ def _captured_fd():
     return fd, (fd is not None and _os.fstat(fd) is not None)
 
 
-def _wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_pinned_major_is_installed():
     assert ipyparallel.__version__.split(".")[0] == "9", "pyproject pins ipyparallel>=9,<10"
 
@@ -54,14 +47,14 @@ def test_engine_of_reply_forget_result_and_nowait_purge(rc):
     rc.metadata.pop(mid, None)
     assert _ipp.engine_of_reply(rc, mid, ar) == target
 
-    _wait_for(lambda: mid not in rc._output_futures or rc._output_futures[mid].done(), 30, "the task's output")
+    wait_for(lambda: mid not in rc._output_futures or rc._output_futures[mid].done(), 30, "the task's output")
     _ipp.forget_result(rc, mid)
     assert mid not in rc.results and mid not in rc._futures
     assert mid not in rc.metadata and mid not in rc._output_futures
 
     assert rc.db_query({"msg_id": mid}, keys=["msg_id"])  # the hub (DictDB) holds it before the purge
     _ipp.purge_hub_nowait(rc, [mid])
-    _wait_for(lambda: not rc.db_query({"msg_id": mid}, keys=["msg_id"]), 30, "the hub to purge the task")
+    wait_for(lambda: not rc.db_query({"msg_id": mid}, keys=["msg_id"]), 30, "the hub to purge the task")
 
 
 def test_kernel_parts_on_an_engine(rc):
