@@ -71,6 +71,18 @@ def purge_hub_nowait(client: Any, msg_ids: list[str]) -> None:
         client.purge_hub_results(jobs=msg_ids)
 
 
+def controller_host(client: Any) -> str | None:
+    """The host part of the controller's address as the client knows it; None when behind an ssh tunnel.
+
+    Relies on: ``Client._ssh`` (set when the client tunnels) and ``Client._config["interface"]``
+    (``tcp://<address>`` from the connection file).
+    """
+    if getattr(client, "_ssh", False):
+        return None
+    cfg = getattr(client, "_config", None) or {}
+    return str(cfg.get("interface", "")).split("://", 1)[-1].strip("[]") or None
+
+
 def hub_probe_socket(client: Any, context: Any) -> Any:
     """A new DEALER socket, in ``context``, connected where ``client`` sends its hub queries.
 
@@ -194,6 +206,7 @@ def cluster_file_pids(profile_dir: str | Path) -> list[int]:
 
 
 __all__ = [
-    "captured_fd_copy", "hub_probe_socket", "cluster_file", "cluster_file_pids", "engine_kernel", "engine_of_reply",
-    "forget_result", "install_nanny_starter", "kernel_parts", "launcher_pids", "nanny_main", "purge_hub_nowait",
+    "captured_fd_copy", "cluster_file", "cluster_file_pids", "controller_host", "engine_kernel", "engine_of_reply",
+    "forget_result", "hub_probe_socket", "install_nanny_starter", "kernel_parts", "launcher_pids", "nanny_main",
+    "purge_hub_nowait",
 ]

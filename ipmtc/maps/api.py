@@ -1,29 +1,34 @@
-"""``static_map`` and ``dynamic_map``: argument checks, then one :class:`Dispatcher`."""
+"""``static_map`` and ``dynamic_map``: argument checks, settings resolved once, then one :class:`Dispatcher`."""
 from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import JournalError, MapError
-from .dispatch import Dispatcher, Options
+from .dispatch import Dispatcher
+from .options import Options, Schedule
 from .result import MapResult
+from .spec import MapSpec
+
+if TYPE_CHECKING:
+    from ..journal import Journal
 
 
 def _check(fn, retries, walltime_s, chunksize, fast_abort) -> None:
     """Bad input is refused before anything is sent."""
     if not callable(fn):
         raise MapError(f"the function to map must be callable, got {type(fn).__name__}: {fn!r:.60}")
-    if isinstance(retries, bool) or not isinstance(retries, numbers.Integral) or retries < 0:
+    if isinstance(retries, bool) or not isinstance(retries, numbers.Integral) or cast(int, retries) < 0:
         raise MapError(f"retries must be an integer >= 0, got {retries!r}")
     if walltime_s is not None and (isinstance(walltime_s, bool) or not isinstance(walltime_s, numbers.Real)
-                                   or not walltime_s > 0):
+                                   or not cast(float, walltime_s) > 0):
         raise MapError(f"walltime_s must be a number of seconds > 0 (or None for no limit), got {walltime_s!r}")
     if chunksize != "auto" and (isinstance(chunksize, bool) or not isinstance(chunksize, numbers.Integral)
-                                or chunksize < 1):
+                                or cast(int, chunksize) < 1):
         raise MapError(f"chunksize must be 'auto' or an integer >= 1, got {chunksize!r}")
     if fast_abort is not None and (isinstance(fast_abort, bool) or not isinstance(fast_abort, numbers.Real)
-                                   or not fast_abort > 1):
+                                   or not cast(float, fast_abort) > 1):
         raise MapError(f"fast_abort must be a factor > 1 of the median task time (e.g. 3), got {fast_abort!r}")
     _check_serializable(fn)
 
@@ -61,7 +66,45 @@ def _source(items: Iterable[Any]):
     return iter(enumerate(items))
 
 
-def _map(schedule: str, fn, items, *, client, retries, walltime_s, chunksize, fast_abort, ordered, star,
+def _open_journal(journal: Any, fn: Callable, retry_failed: bool) -> Journal:
+    """The journal to record into: the one given (checked against ``fn``) or one opened at a path."""
+    from ..journal import Journal
+
+    if isinstance(journal, Journal):
+        journal.check_function(fn)  # a journal of another function is refused too
+        return journal
+    return Journal.open(journal, fn=fn, retry_failed=retry_failed)
+
+
+def _settings(schedule: Schedule, fn: Callable, *, retries: int, walltime_s: float | None,
+              chunksize: int | str, fast_abort: float | None, ordered: bool, star: bool, progress: bool,
+              drain_at: float | str | None, drain_margin_s: float, journal: Journal | None,
+              key: Callable[[Any], str] | None) -> tuple[MapSpec, Options]:
+    """The user's arguments (checked) resolved once: what engines run with, what the dispatcher does."""
+    if drain_at == "auto":  # inside a batch job: its end time, so nothing is lost to the kill
+        from ..allocation import job_end_time
+
+        drain_at = job_end_time()
+    journal_prefix = None
+    if journal is not None:
+        from ..keys import key_function, key_prefix
+
+        if key is None:  # the default key is worked out on the engines, with the task
+            journal_prefix = key_prefix(fn)
+        key = key or key_function(fn)  # the function's identity, worked out once
+    else:
+        key = None
+    spec = MapSpec(fn, star=star, walltime_s=walltime_s,
+                   isolate=walltime_s is not None or fast_abort is not None,
+                   publish_start=fast_abort is not None, journal_prefix=journal_prefix)
+    opts = Options(schedule=schedule, retries=int(retries), fast_abort=fast_abort,
+                   chunksize="auto" if chunksize == "auto" else int(chunksize), ordered=ordered,
+                   progress=progress, drain_at=cast("float | None", drain_at), drain_margin_s=drain_margin_s,
+                   journal=journal, key=key)
+    return spec, opts
+
+
+def _map(schedule: Schedule, fn, items, *, client, retries, walltime_s, chunksize, fast_abort, ordered, star,
          progress, drain_at, drain_margin_s, journal, key, retry_failed) -> MapResult:
     _check(fn, retries, walltime_s, chunksize, fast_abort)
     if items is None:
@@ -74,34 +117,17 @@ def _map(schedule: str, fn, items, *, client, retries, walltime_s, chunksize, fa
         iterator = _source(items)
     except TypeError:
         raise MapError(f"items must be iterable, got {type(items).__name__}") from None
-    if drain_at == "auto":  # inside a batch job: its end time, so nothing is lost to the kill
-        from ..allocation import job_end_time
-
-        drain_at = job_end_time()
     rc, engines = _client_and_views(client)
     if not rc.ids:
         raise MapError("the cluster has no engines; start some with `ipmtc start` and try again")
-    opts = Options(schedule=schedule, retries=int(retries), walltime_s=walltime_s, fast_abort=fast_abort,
-                   chunksize=chunksize, ordered=ordered, star=star, progress=progress, drain_at=drain_at,
-                   drain_margin_s=drain_margin_s)
-    jr = None
-    if journal is not None:
-        from ..journal import Journal
-        from ..keys import key_function, key_prefix
-
-        if isinstance(journal, Journal):
-            jr = journal
-            jr.check_function(fn)  # a journal of another function is refused too
-        else:
-            jr = Journal.open(journal, fn=fn, retry_failed=retry_failed)
-        opts.journal = jr
-        opts.key = key or key_function(fn)  # the function's identity, worked out once
-        if key is None:  # the default key is worked out on the engines, with the task
-            opts.key_prefix = key_prefix(fn)
+    jr = None if journal is None else _open_journal(journal, fn, retry_failed)
     try:
-        res = Dispatcher(rc, fn, iterator, n_total, opts, engines=engines).run()
+        spec, opts = _settings(schedule, fn, retries=retries, walltime_s=walltime_s, chunksize=chunksize,
+                               fast_abort=fast_abort, ordered=ordered, star=star, progress=progress,
+                               drain_at=drain_at, drain_margin_s=drain_margin_s, journal=jr, key=key)
+        res = Dispatcher(rc, spec, iterator, n_total, opts, engines=engines).run()
     finally:
-        if jr is not None and not isinstance(journal, Journal):
+        if jr is not None and jr is not journal:
             jr.close()
     if jr is not None and jr.error is not None:  # e.g. disk full mid-map: say so, lose nothing
         err = JournalError(f"{jr.error}; the {len(res)} results of this map are in this error's .result")

@@ -10,8 +10,8 @@ REFRESH_S = 0.3  # the counts beside the bar; the bar itself moves with every fi
 
 def _tqdm() -> Any:
     try:
-        from IPython import get_ipython
         from ipykernel.zmqshell import ZMQInteractiveShell
+        from IPython import get_ipython
 
         in_notebook = isinstance(get_ipython(), ZMQInteractiveShell)
     except Exception:

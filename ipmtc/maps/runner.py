@@ -8,6 +8,10 @@ unharmed and stays in service (measured cost: a few ms per chunk, not per task).
 
 SIGINT to the engine (the dispatcher's straggler abort) ends the current task
 as ``aborted``; the rest of the chunk comes back as ``notrun``.
+
+What a chunk runs with (the function, walltime, ...) is the map's
+:class:`~.spec.MapSpec`; a chunk comes as an apply of :data:`RUN_CHUNK` or over the
+channel's listener, which calls :func:`run_chunk` itself.
 """
 from __future__ import annotations
 
@@ -19,9 +23,14 @@ import socket
 import struct
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-OK, RAISED, WALLTIME, ABORTED, NOTRUN = "ok", "raised", "walltime", "aborted", "notrun"
+from ..outcomes import ABORTED, NOTRUN, OK, RAISED, WALLTIME
+from .spec import MapSpec
+
+__all__ = ["ABORTED", "NOTRUN", "OK", "RAISED", "RUN_CHUNK", "WALLTIME", "error_of", "run_chunk", "where"]
+
 Row = tuple  # (index, status, payload, started, finished)
 OnStart = Callable[[int, float], None] | None  # told (task index, start time) as each task starts
 
@@ -31,7 +40,8 @@ def where() -> tuple[str, int]:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname(), os.getpid()
 
 
-def _error(exc: BaseException) -> dict[str, str]:
+def error_of(exc: BaseException) -> dict[str, str]:
+    """An exception as it travels back: ename, evalue and the formatted traceback."""
     return {"ename": type(exc).__name__, "evalue": str(exc),
             "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))}
 
@@ -60,7 +70,7 @@ def _run_inline(fn: Callable, tasks: list, star: bool, on_start: OnStart) -> lis
             rows += [(i, NOTRUN, None, 0.0, 0.0) for i, _ in tasks[pos + 1:]]
             break
         except BaseException as e:  # SystemExit from user code is the task's failure, not ours
-            rows.append((index, RAISED, _error(e), started, time.time()))
+            rows.append((index, RAISED, error_of(e), started, time.time()))
     return rows
 
 
@@ -83,11 +93,11 @@ def _child(fn: Callable, tasks: list, star: bool, wfd: int) -> None:
             value = fn(*item) if star else fn(item)
             row = (index, OK, value, started, time.time())
         except BaseException as e:
-            row = (index, RAISED, _error(e), started, time.time())
+            row = (index, RAISED, error_of(e), started, time.time())
         try:
             _send(wfd, row)
         except Exception as e:  # result not picklable: report it as the task's error
-            _send(wfd, (index, RAISED, _error(TypeError(f"result cannot be pickled: {e}")), started, time.time()))
+            _send(wfd, (index, RAISED, error_of(TypeError(f"result cannot be pickled: {e}")), started, time.time()))
 
 
 class _Reader:
@@ -122,22 +132,34 @@ def _kill(pid: int) -> int:
     return os.waitpid(pid, 0)[1]
 
 
+def _fork(fn: Callable, todo: list, star: bool) -> tuple[int, int]:
+    """Start a child that runs ``todo``: (its pid, the read end of its pipe)."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into the engine
+        code = 0
+        try:
+            os.close(rfd)
+            _child(fn, todo, star, wfd)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    return pid, rfd
+
+
+def _death(status: int) -> str:
+    """What ended a child, from its wait status."""
+    how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit code {os.WEXITSTATUS(status)}"
+    return f"the process running the task died ({how})"
+
+
 def _run_forked(fn: Callable, tasks: list, star: bool, walltime_s: float | None, on_start: OnStart) -> list[Row]:
     rows: list[Row] = []
     todo = list(tasks)
     while todo:
-        rfd, wfd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child: never return into the engine
-            code = 0
-            try:
-                os.close(rfd)
-                _child(fn, todo, star, wfd)
-            except BaseException:
-                code = 1
-            finally:
-                os._exit(code)
-        os.close(wfd)
+        pid, rfd = _fork(fn, todo, star)
         reader = _Reader(rfd)
         current: tuple[int, float] | None = None
         try:
@@ -164,12 +186,9 @@ def _run_forked(fn: Callable, tasks: list, star: bool, walltime_s: float | None,
                 else:  # the child died under the task (segfault, os._exit, OOM killer)
                     status = os.waitpid(pid, 0)[1]
                     pid = 0
-                    how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else \
-                        f"exit code {os.WEXITSTATUS(status)}"
                     started = current[1] if current else time.time()
-                    rows.append((todo[0][0], RAISED, {"ename": "WorkerDied", "evalue":
-                                 f"the process running the task died ({how})", "traceback": ""},
-                                 started, time.time()))
+                    rows.append((todo[0][0], RAISED, {"ename": "WorkerDied", "evalue": _death(status),
+                                 "traceback": ""}, started, time.time()))
                     todo.pop(0)
                     break
         except KeyboardInterrupt:  # straggler abort from the dispatcher
@@ -219,32 +238,34 @@ def _for_journal(prefix: bytes, tasks: list, rows: list[Row]) -> bytes:
     return blob
 
 
-def run_chunk(fn: Callable, tasks: list, star: bool = False, walltime_s: float | None = None,
-              isolate: bool = False, publish: bool | OnStart = False,
-              journal_prefix: bytes | None = None) -> tuple[str, int, list[Row], bytes | None]:
-    """Run ``tasks`` = [(index, item), ...]; return (node, pid, rows, journal part).
+Chunk = tuple[str, int, list[Row], bytes | None]  # (node, pid, rows, journal part): what a chunk answers
 
-    ``publish``: True tells each task's start through ipyparallel's data channel (for
-    straggler detection); a callable is told instead. With ``journal_prefix`` the
-    journal part is :func:`_for_journal`'s bytes; otherwise None.
+
+def run_chunk(spec: MapSpec, tasks: list, on_start: OnStart = None) -> Chunk:
+    """Run ``tasks`` = [(index, item), ...] of the map ``spec``; return (node, pid, rows, journal part).
+
+    With ``spec.publish_start`` each task's start is told to ``on_start`` (the channel's listener),
+    or else through ipyparallel's data channel, for straggler detection. With
+    ``spec.journal_prefix`` the journal part is :func:`_for_journal`'s bytes; otherwise None.
     """
     node, pid = where()
-    on_start = publish if callable(publish) else (_publish_start if publish else None)
-    if walltime_s is not None or isolate:
-        rows = _run_forked(fn, tasks, star, walltime_s, on_start)
+    tell = (on_start or _publish_start) if spec.publish_start else None
+    if spec.forked:
+        rows = _run_forked(spec.fn, tasks, spec.star, spec.walltime_s, tell)
     else:
-        rows = _run_inline(fn, tasks, star, on_start)
-    return node, pid, rows, (None if journal_prefix is None else _for_journal(journal_prefix, tasks, rows))
+        rows = _run_inline(spec.fn, tasks, spec.star, tell)
+    prefix = spec.journal_prefix
+    return node, pid, rows, (None if prefix is None else _for_journal(prefix, tasks, rows))
 
 
 class _ChunkRunner:
     """``run_chunk`` as an object: ipyparallel pickles it by reference (a few bytes) where a
-    plain function would be sent as its code with every chunk."""
+    plain function would be sent as its code with every chunk. Applied as ``RUN_CHUNK(spec, tasks)``."""
 
-    def __call__(self, *args):
-        return run_chunk(*args)
+    def __call__(self, spec: MapSpec, tasks: list) -> Chunk:
+        return run_chunk(spec, tasks)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type, tuple]:
         return (_ChunkRunner, ())
 
 

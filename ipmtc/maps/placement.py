@@ -1,0 +1,131 @@
+"""Where and how much: chunk sizes, the window of chunks in flight, which engine gets the next chunk.
+
+Both schedules place every chunk on a chosen engine, so the dispatcher always
+knows where each chunk is (an engine's loss requeues its chunks at once) and no
+task waits in the controller's scheduler. They differ in how: ``static`` deals
+chunks round-robin to fixed engines (each engine its fair share; a known-length
+input goes out as one message per engine); ``dynamic`` keeps at most two chunks on
+each engine (one running, one waiting there, so an engine never idles for a round
+trip) and sends the next one to whichever engine has the fewest. Measured here
+(weak scaling, 0.3 s tasks, 32 engines on 2 cores), this beat submitting to the
+load-balanced view with hwm=1, which costs a scheduler round trip per chunk and a
+burst of all tasks at once.
+
+Inside a batch job, placement also decides when to stop handing out work
+(draining): no task is handed out that would not finish ``drain_margin_s`` before
+the job ends.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+from .ledger import TaskTimes
+from .options import Options
+
+TARGET_CHUNK_S = 1.0  # a chunk this long makes per-message cost (~5-10 ms CPU here) about 1%
+CHANNEL_CHUNK_S = 0.1  # over the channel a chunk costs ~1 ms (both ends): 0.1 s keeps that ~1%
+MAX_CHUNK = 10_000  # bounds message size and the work lost with one engine
+STATIC_WINDOW_PER_ENGINE = 2
+DYNAMIC_WINDOW_PER_ENGINE = 2  # one running + one waiting on the engine hides the round trip
+
+
+class Placement:
+    """The engines of one map, how many chunks each holds, and the placement policy over them."""
+
+    def __init__(self, opts: Options, engines: list[int], n_total: int | None, times: TaskTimes):
+        self.opts, self.static, self.n_total, self.times = opts, opts.static, n_total, times
+        self.engines: list[int] = list(engines)  # alive, in rotation order
+        self.known: set[int] = set(self.engines)  # every engine this map has seen
+        self.load: dict[int, int] = {}  # engine -> chunks placed on it and not answered yet
+        self.rot = 0
+        self.draining = False
+
+    # ------------------------------------------------------------ the engines
+
+    def track(self, alive_ids: list[int]) -> tuple[list[int], list[int]]:
+        """Follow the client's engines: (lost, new); the lost leave the rotation, the new join it."""
+        alive = set(alive_ids)
+        lost = [e for e in self.engines if e not in alive]
+        if lost:
+            self.engines = [e for e in self.engines if e in alive]
+            for e in lost:
+                self.load.pop(e, None)
+        new = [e for e in alive_ids if e not in self.known]
+        if new:  # replacements (or late starters) join the rotation
+            self.known.update(new)
+            self.engines += new
+        return lost, new
+
+    def placed(self, target: int) -> None:
+        self.load[target] = self.load.get(target, 0) + 1
+
+    def released(self, target: int) -> None:
+        if target in self.load:  # (a lost engine's count is gone already)
+            self.load[target] -= 1
+
+    def next_turn(self) -> None:
+        """The rotation moves on (after a chunk was dealt)."""
+        self.rot += 1
+
+    # ------------------------------------------------------------ the policy
+
+    def window(self, pending: int | None) -> int:
+        """Chunks in flight per engine; ``pending``: tasks still to hand out (None: unknown)."""
+        if self.static:
+            return STATIC_WINDOW_PER_ENGINE
+        if pending is not None and pending < len(self.engines):
+            # the tail: a chunk queued behind a running one could not move to the engine that
+            # frees up first; one at a time lets the last tasks go where an engine is idle
+            return 1
+        return DYNAMIC_WINDOW_PER_ENGINE
+
+    def has_room(self, n_inflight: int, pending: int | None) -> bool:
+        return bool(self.engines) and n_inflight < self.window(pending) * len(self.engines)
+
+    def waits_for_turn(self) -> bool:
+        """Static: the fixed deal waits for the engine whose turn it is to have room."""
+        if not self.static:
+            return False
+        return self.load.get(self.engines[self.rot % len(self.engines)], 0) >= STATIC_WINDOW_PER_ENGINE
+
+    def candidates(self, pending: int | None, exclude: int | None = None) -> list[int]:
+        """Engines with room, in placement order: rotation (static) or least loaded first (dynamic)."""
+        window = self.window(pending)
+        n_eng = len(self.engines)
+        order = [self.engines[(self.rot + k) % n_eng] for k in range(n_eng)]
+        room = [e for e in order if self.load.get(e, 0) < window and e != exclude]
+        if not self.static:
+            room.sort(key=lambda e: self.load.get(e, 0))  # stable: rotation breaks ties
+        return room
+
+    def rerun_targets(self, exclude: int | None, pending: int | None) -> list[int]:
+        """Where a straggler's second copy may go: engines with room first, any other engine else."""
+        return self.candidates(pending, exclude=exclude) or [e for e in self.engines if e != exclude]
+
+    def chunk_size(self, remaining: int | None, listening: bool) -> int:
+        """Tasks in the next chunk; ``remaining``: tasks not finished, ``listening``: the channel is in use."""
+        cs = self.opts.chunksize
+        n_eng = max(1, len(self.engines))
+        if cs != "auto":
+            return int(cs)
+        if self.static:
+            if self.n_total is not None:  # fair share: one message per engine when it fits
+                return max(1, min(MAX_CHUNK, math.ceil(self.n_total / n_eng)))
+            return 1000
+        if self.times.mean is None:
+            return 1  # probe: learn task times before grouping
+        target_s = CHANNEL_CHUNK_S if listening else TARGET_CHUNK_S
+        size = target_s / max(self.times.mean, 1e-7)
+        if remaining is not None:  # guided: shrink toward the end so engines finish together
+            size = min(size, remaining / (4 * n_eng))
+        return max(1, min(MAX_CHUNK, int(size)))
+
+    def should_drain(self) -> bool:
+        """Whether to hand out nothing more: the allocation ends before another task could finish."""
+        if self.opts.drain_at is None:
+            return False
+        if not self.draining:
+            if time.time() + self.times.median() + self.opts.drain_margin_s > self.opts.drain_at:
+                self.draining = True
+        return self.draining

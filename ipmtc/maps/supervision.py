@@ -1,0 +1,103 @@
+"""Watching a running map: engines that leave or join, stragglers, and when to give up.
+
+Every :data:`SUPERVISE_EVERY_S` the dispatcher asks the supervisor to look. A
+lost engine's unanswered chunks are taken back at once and their tasks requeued
+uncharged: the hub would answer them with an ``EngineError`` only after its
+registration timeout (tens of seconds with the presets), and the dispatcher knows
+where each chunk went. New engines join the rotation (and are asked to listen).
+With no engine left for :data:`NO_ENGINE_GRACE_S` the map ends with
+:class:`~ipmtc.errors.EnginesLostError`, which carries what was computed. With
+``fast_abort``, a task running longer than that factor times the median is
+aborted (SIGINT to its engine) and a second copy runs elsewhere; whichever copy
+finishes first wins, the other is discarded.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from ..errors import EnginesLostError
+from ..outcomes import LOST
+from .ledger import Ledger
+from .placement import Placement
+from .transport import Transport
+
+NO_ENGINE_GRACE_S = 3.0
+SUPERVISE_EVERY_S = 0.1
+
+
+class Supervisor:
+    """Engine liveness, lost-engine rescue, straggler aborts and giving up, for one map."""
+
+    def __init__(self, placement: Placement, ledger: Ledger, transport: Transport, fast_abort: float | None):
+        self.placement, self.ledger, self.transport = placement, ledger, transport
+        self.fast_abort = fast_abort
+        self._last = 0.0
+        self._no_engine_since: float | None = None
+
+    def due(self) -> bool:
+        """Whether it is time to look again (at most every :data:`SUPERVISE_EVERY_S`)."""
+        now = time.monotonic()
+        if now - self._last < SUPERVISE_EVERY_S:
+            return False
+        self._last = now
+        return True
+
+    def look_now(self) -> None:
+        """The next :meth:`due` is: something changed (an engine left under a submission)."""
+        self._last = 0.0
+
+    def track_engines(self) -> None:
+        """Follow the client's engines: rescue the chunks of the lost ones, ask the new ones to listen."""
+        lost, new = self.placement.track(self.transport.engine_ids())
+        if lost:
+            self.ledger.res.engine_losses += len(lost)
+            for chunk in self.transport.rescue(set(lost)):
+                self.ledger.requeue(chunk.indices, chunk.target, LOST)
+        if new:
+            self.transport.attach(new)
+
+    def check_engines_left(self) -> None:
+        """Raise :class:`EnginesLostError` once no engine has been left for the grace time."""
+        outstanding = bool(self.transport.inflight) or self.ledger.has_work()
+        if self.placement.engines or not outstanding:
+            self._no_engine_since = None
+            return
+        now = time.monotonic()
+        self._no_engine_since = self._no_engine_since or now
+        if now - self._no_engine_since > NO_ENGINE_GRACE_S:
+            self._give_up()
+
+    def stragglers(self) -> Iterator[tuple[int, int | None]]:
+        """Abort each straggler; yield (task index, engine it straggled on) for its second copy.
+
+        A generator: the caller places each copy before the next straggler is looked at.
+        """
+        if self.fast_abort is None or len(self.ledger.times) < max(5, len(self.placement.engines)):
+            return
+        limit = self.fast_abort * self.ledger.times.median()
+        now = time.time()
+        for mid, chunk in list(self.transport.inflight.items()):
+            started = self.transport.running(mid, chunk)
+            if not started:
+                continue
+            index, t0 = started
+            if not self.ledger.may_speculate(index) or now - t0 <= limit:
+                continue
+            eid = self.transport.engine_of(mid, chunk)
+            # abort the straggler (SIGINT: the engine's runner kills its task) and run it elsewhere
+            if eid is not None:
+                self.transport.interrupt(eid)
+            self.ledger.straggler(index, eid, t0, now)
+            yield index, eid
+
+    def _give_up(self) -> None:
+        chunks = self.transport.abandon()
+        outstanding = sorted({i for c in chunks for i in c.indices} | set(self.ledger.redo))
+        res = self.ledger.give_up(outstanding)
+        err = EnginesLostError(
+            f"all engines are gone with {len(res.undone)} task(s) outstanding; "
+            f"{len(res)} results are kept in this error's .result; restart the cluster "
+            "(ipmtc stop; ipmtc start) and map the undone tasks again")
+        err.result = res
+        raise err
