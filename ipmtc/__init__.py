@@ -13,6 +13,7 @@ from .commands import run_commands
 from .errors import (
                      AllocationError,
                      ClusterError,
+                     ControllerLostError,
                      EnginesLostError,
                      IpmtcError,
                      JournalError,
@@ -21,12 +22,13 @@ from .errors import (
                      PresetError,
                      StartupError,
 )
-from .maps import MapResult, TaskFailure, TaskRecord, dynamic_map, static_map
+from .maps import MapResult, MapStream, TaskFailure, TaskRecord, dynamic_map, imap, static_map
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AllocationError", "ClusterError", "ClusterInfo", "EnginesLostError", "IpmtcError", "JournalError",
+    "AllocationError", "ClusterError", "ClusterInfo", "ControllerLostError", "EnginesLostError", "IpmtcError",
+    "JournalError", "MapStream", "imap",
     "MapError", "NoClusterError", "PresetError", "StartupError", "connect", "list_clusters", "start",
     "status", "stop", "__version__", "MapResult", "TaskFailure", "TaskRecord", "dynamic_map", "static_map",
     "run_commands",

@@ -227,94 +227,29 @@ def start(*, preset: str | None = None, flags: Mapping[str, Any] | None = None, 
     t0 = time.monotonic()
     setup = resolve_setup(preset=preset, flags=flags, nodes=nodes, engines=engines, profile=profile,
                           environ=environ)
-    resolved, alloc, plan, name = setup.resolved, setup.alloc, setup.plan, setup.name
-    pdir = profile_dir(name)
-    old = _load_state(pdir) if pdir.exists() else None
-    if old is not None:
-        if old.running:
-            raise ClusterRunningError(f"a cluster is already running under profile {name!r} "
-                                      f"({old.n_engines} engines, pid {old.controller_pid}); "
-                                      f"`ipmtc stop --profile {name}` first or pick another --profile")
-        _cleanup(old)  # stale state of a cluster that died: its leftovers go now
-    if plan.launcher != "local":
-        try:
-            import mpi4py  # noqa: F401  (engines started with --mpi import it)
-        except ImportError:
-            raise LauncherNotFoundError(f"launcher {plan.launcher!r} starts MPI engines, which need mpi4py; "
-                                        "pip install 'ipmtc[mpi]'") from None
-    write_profile(resolved, plan, alloc, name)
-    for old_log in (pdir / "log").glob("*.log"):  # tails shown on failure must be this start's
-        old_log.unlink(missing_ok=True)
-    for stale in ("ipcontroller-client.json", "ipcontroller-engine.json"):
-        (pdir / "security" / stale).unlink(missing_ok=True)
+    pdir = profile_dir(setup.name)
+    _refuse_running_or_clean_stale(pdir, setup.name)
+    _check_mpi4py(setup.plan)
+    _write_fresh_profile(setup, pdir)
 
     import ipyparallel as ipp
 
     cluster = ipp.Cluster(profile_dir=str(pdir), cluster_id="", shutdown_atexit=False,
-                          log_level=30 if resolved.preset.log_level != "DEBUG" else 10)
-    timeout_s = float(resolved.preset.start_timeout_s)
+                          log_level=30 if setup.resolved.preset.log_level != "DEBUG" else 10)
+    timeout_s = float(setup.resolved.preset.start_timeout_s)
     deadline = time.monotonic() + timeout_s
     client = None
-    registered = 0
     try:
-        cluster.start_controller_sync()
-        # srun starts each engine itself: engines need no MPI wiring, so they skip MPI_Init
-        # (ipmtc.engine drops --mpi) and srun sets up no PMI. Measured with the mpich wheel under
-        # Slurm's pmi2 plugin: MPI_Init now and then hung ("mpi/pmi2: value not properly
-        # terminated") and every killed singleton left a /dev/shm segment behind.
-        engine_env = {"SLURM_MPI_TYPE": "none", "IPMTC_ENGINE_MPI": "0"} if plan.launcher == "srun" else {}
-        if plan.launcher == "local":
-            # one process imports ipyparallel once and forks the N engines: N fresh Pythons each
-            # importing it were most of the start-up (measured: 6.6 s -> 4.5 s for 8 engines, 2 cores)
-            cluster.start_engines_sync(n=1, engine_cmd=engine_cmd(copies=plan.n_engines))
-        else:
-            cluster.start_engines_sync(n=plan.n_engines, environment=engine_env)
+        _start_processes(cluster, setup.plan)
         client = cluster.connect_client_sync()
-        last = -1
-        while True:
-            registered = len(client.ids)
-            if registered != last and on_progress:
-                on_progress(registered, plan.n_engines)
-            last = registered
-            if registered >= plan.n_engines:
-                break
-            if not _proc.alive(cluster.controller.pid):
-                raise StartupError(f"the controller exited during start-up ({registered}/{plan.n_engines} "
-                                   f"engines registered)")
-            live, started = _live_engine_processes(cluster)
-            if live == 0:  # every launcher process (mpiexec, srun, the local forker) ended
-                raise StartupError(f"engine processes exited during start-up ({registered}/{plan.n_engines} "
-                                   f"registered, {live}/{started} {plan.launcher} processes alive)")
-            if time.monotonic() > deadline:
-                raise StartupError(f"only {registered}/{plan.n_engines} engines registered within "
-                                   f"{timeout_s:g} s")
-            time.sleep(0.1)
+        _wait_for_registration(cluster, client, setup.plan, deadline, timeout_s, on_progress)
         startup_s = time.monotonic() - t0
-        engines_info = client[:].apply_async(_engine_info).get(timeout=max(10.0, timeout_s / 4))
-        launcher_pids = _ipp.launcher_pids(cluster)
-        all_pids = sorted({p for lp in launcher_pids for p in _proc.process_tree(lp)})
-        info = ClusterInfo(
-            profile=name, profile_dir=str(pdir), n_engines=plan.n_engines, launcher=plan.launcher,
-            allocation=alloc.describe(), job_id=alloc.job_id, hosts=list(plan.hosts),
-            controller_pid=cluster.controller.pid, launcher_pids=launcher_pids,
-            pids=all_pids, pid_times={str(p): t for p in all_pids if (t := _proc.start_time(p))},
-            started_at=time.time() - startup_s, startup_s=round(startup_s, 3),
-            engines={str(eid): e for eid, e in zip(client.ids, engines_info)},
-            user=getpass.getuser(), hostname=socket.gethostname(), preset=resolved.name)
-        info.save()
-        # ipyparallel writes its cluster file world-readable; every file in security/ is 0600
-        for f in (pdir / "security").glob("*.json"):
-            os.chmod(f, 0o600)
-        return info
+        return _record_cluster(cluster, client, setup, pdir, startup_s, timeout_s)
     except BaseException as e:
-        tails = _log_tails(pdir)
-        pids = _ipp.launcher_pids(cluster)
-        tree = {p for lp in pids for p in _proc.process_tree(lp)}
-        _proc.stop_pids(tree, groups=pids, grace_s=3.0)
-        _remove_files(pdir)
+        tails = _stop_failed_start(cluster, pdir)
         if isinstance(e, StartupError):
             hint = ("hint: raise --timeout-s, check that engines can reach the controller at "
-                    f"{plan.controller_location} (preset controller_ip/controller_location), "
+                    f"{setup.plan.controller_location} (preset controller_ip/controller_location), "
                     "or use --preset debug for verbose logs")
             raise StartupError(f"{e}; nothing was left running\n{tails}\n{hint}") from None
         if isinstance(e, (KeyboardInterrupt, ClusterError)):
@@ -323,6 +258,108 @@ def start(*, preset: str | None = None, flags: Mapping[str, Any] | None = None, 
     finally:
         if client is not None:
             client.close()
+
+
+def _refuse_running_or_clean_stale(pdir: Path, name: str) -> None:
+    """Refuse to start over a running cluster of this profile; clean up after one that died."""
+    old = _load_state(pdir) if pdir.exists() else None
+    if old is not None:
+        if old.running:
+            raise ClusterRunningError(f"a cluster is already running under profile {name!r} "
+                                      f"({old.n_engines} engines, pid {old.controller_pid}); "
+                                      f"`ipmtc stop --profile {name}` first or pick another --profile")
+        _cleanup(old)  # stale state of a cluster that died: its leftovers go now
+
+
+def _check_mpi4py(plan: EnginePlan) -> None:
+    """MPI launchers need mpi4py: say so before anything starts."""
+    if plan.launcher != "local":
+        try:
+            import mpi4py  # noqa: F401  (engines started with --mpi import it)
+        except ImportError:
+            raise LauncherNotFoundError(f"launcher {plan.launcher!r} starts MPI engines, which need mpi4py; "
+                                        "pip install 'ipmtc[mpi]'") from None
+
+
+def _write_fresh_profile(setup: Setup, pdir: Path) -> None:
+    """Write the profile and remove what an earlier start left in it (logs, connection files)."""
+    write_profile(setup.resolved, setup.plan, setup.alloc, setup.name)
+    for old_log in (pdir / "log").glob("*.log"):  # tails shown on failure must be this start's
+        old_log.unlink(missing_ok=True)
+    for stale in ("ipcontroller-client.json", "ipcontroller-engine.json"):
+        (pdir / "security" / stale).unlink(missing_ok=True)
+
+
+def _start_processes(cluster, plan: EnginePlan) -> None:
+    """Start the controller, then the engines with the plan's launcher (each in its own session)."""
+    cluster.start_controller_sync()
+    # srun starts each engine itself: engines need no MPI wiring, so they skip MPI_Init
+    # (ipmtc.engine drops --mpi) and srun sets up no PMI. Measured with the mpich wheel under
+    # Slurm's pmi2 plugin: MPI_Init now and then hung ("mpi/pmi2: value not properly
+    # terminated") and every killed singleton left a /dev/shm segment behind.
+    engine_env = {"SLURM_MPI_TYPE": "none", "IPMTC_ENGINE_MPI": "0"} if plan.launcher == "srun" else {}
+    if plan.launcher == "local":
+        # one process imports ipyparallel once and forks the N engines: N fresh Pythons each
+        # importing it were most of the start-up (measured: 6.6 s -> 4.5 s for 8 engines, 2 cores)
+        cluster.start_engines_sync(n=1, engine_cmd=engine_cmd(copies=plan.n_engines))
+    else:
+        cluster.start_engines_sync(n=plan.n_engines, environment=engine_env)
+
+
+def _wait_for_registration(cluster, client, plan: EnginePlan, deadline: float, timeout_s: float,
+                           on_progress: Callable[[int, int], None] | None) -> None:
+    """Poll until every engine registered; :class:`StartupError` once the controller or every launcher
+    process is gone, or at the deadline."""
+    last = -1
+    while True:
+        registered = len(client.ids)
+        if registered != last and on_progress:
+            on_progress(registered, plan.n_engines)
+        last = registered
+        if registered >= plan.n_engines:
+            return
+        if not _proc.alive(cluster.controller.pid):
+            raise StartupError(f"the controller exited during start-up ({registered}/{plan.n_engines} "
+                               f"engines registered)")
+        live, started = _live_engine_processes(cluster)
+        if live == 0:  # every launcher process (mpiexec, srun, the local forker) ended
+            raise StartupError(f"engine processes exited during start-up ({registered}/{plan.n_engines} "
+                               f"registered, {live}/{started} {plan.launcher} processes alive)")
+        if time.monotonic() > deadline:
+            raise StartupError(f"only {registered}/{plan.n_engines} engines registered within "
+                               f"{timeout_s:g} s")
+        time.sleep(0.1)
+
+
+def _record_cluster(cluster, client, setup: Setup, pdir: Path, startup_s: float, timeout_s: float) -> ClusterInfo:
+    """Ask each engine where it runs, note every process of the cluster, and save the state file."""
+    plan = setup.plan
+    engines_info = client[:].apply_async(_engine_info).get(timeout=max(10.0, timeout_s / 4))
+    launcher_pids = _ipp.launcher_pids(cluster)
+    all_pids = sorted({p for lp in launcher_pids for p in _proc.process_tree(lp)})
+    info = ClusterInfo(
+        profile=setup.name, profile_dir=str(pdir), n_engines=plan.n_engines, launcher=plan.launcher,
+        allocation=setup.alloc.describe(), job_id=setup.alloc.job_id, hosts=list(plan.hosts),
+        controller_pid=cluster.controller.pid, launcher_pids=launcher_pids,
+        pids=all_pids, pid_times={str(p): t for p in all_pids if (t := _proc.start_time(p))},
+        started_at=time.time() - startup_s, startup_s=round(startup_s, 3),
+        engines={str(eid): e for eid, e in zip(client.ids, engines_info)},
+        user=getpass.getuser(), hostname=socket.gethostname(), preset=setup.resolved.name)
+    info.save()
+    # ipyparallel writes its cluster file world-readable; every file in security/ is 0600
+    for f in (pdir / "security").glob("*.json"):
+        os.chmod(f, 0o600)
+    return info
+
+
+def _stop_failed_start(cluster, pdir: Path) -> str:
+    """Stop every process a failed start left and remove its files; returns the logs' tails, read first."""
+    tails = _log_tails(pdir)
+    pids = _ipp.launcher_pids(cluster)
+    tree = {p for lp in pids for p in _proc.process_tree(lp)}
+    _proc.stop_pids(tree, groups=pids, grace_s=3.0)
+    _remove_files(pdir)
+    return tails
 
 
 # ---------------------------------------------------------------- stop / status

@@ -54,6 +54,10 @@ class EnginesLostError(IpmtcError):
     """Every engine is gone while tasks were outstanding."""
 
 
+class ControllerLostError(ClusterError):
+    """The controller is gone and no engine can run the map's tasks without it (``.result`` holds the rest)."""
+
+
 class JournalError(IpmtcError):
     """The task journal cannot be used (locked, foreign, incompatible, unwritable)."""
 
@@ -84,9 +88,16 @@ class CommandWalltime(Exception):
 
 
 class ChannelLost(Exception):
-    """A chunk's listener went away before answering (the chunk is run again, uncharged)."""
+    """A chunk's listener went away before answering (the chunk is run again, uncharged).
+
+    ``engine_died``: its connection dropped without a goodbye (the engine process is gone).
+    """
 
     ename = "ChannelLost"
+
+    def __init__(self, message: str = "", engine_died: bool = False):
+        super().__init__(message)
+        self.engine_died = engine_died
 
 
 class ChunkFailed(Exception):

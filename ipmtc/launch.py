@@ -88,48 +88,76 @@ def plan_engines(preset: Preset, alloc: Allocation, *, nodes: int | None = None,
         raise AllocationError(f"--nodes {nodes}: must be at least 1")
     if engines is not None and engines < 1:
         raise AllocationError(f"--engines {engines}: must be at least 1")
-    epn_set = preset.engines_per_node != AUTO
+    launcher = _choose_launcher(preset, alloc)
+    if not alloc.is_batch or launcher == "local":
+        n, hosts, epn = _count_on_one_node(preset, alloc, launcher, nodes, engines)
+    else:
+        n, hosts, epn = _count_across_nodes(preset, alloc, nodes, engines)
+    mpi_cmd, mpi_args, machinefile = _launcher_args(preset, alloc, launcher, hosts, n, epn)
+    ip, location = _controller_addresses(preset, launcher, hosts)
+    return EnginePlan(launcher=launcher, n_engines=n, hosts=tuple(hosts), engines_per_node=epn,
+                      mpi_cmd=mpi_cmd, mpi_args=mpi_args, controller_ip=ip,
+                      controller_location=location, machinefile_lines=machinefile)
+
+
+def _choose_launcher(preset: Preset, alloc: Allocation) -> str:
+    """The preset's launcher; ``auto``: srun inside Slurm (mpiexec if only that is installed), local
+    processes outside a batch job, mpiexec under PBS/LSF."""
     launcher = preset.launcher
     if launcher == "auto":
         launcher = {"slurm": "srun", "local": "local"}.get(alloc.kind, "mpiexec")
         if launcher == "srun" and not find_program("srun") and find_program("mpiexec"):
             launcher = "mpiexec"
+    return launcher
 
-    if not alloc.is_batch or launcher == "local":
-        if nodes not in (None, 1):
-            if alloc.is_batch:
-                raise AllocationError(f"--nodes {nodes}: the local launcher runs engines on this node only; "
-                                      "use --launcher srun/mpiexec or --nodes 1")
-            raise AllocationError(f"--nodes {nodes}: no batch allocation here ({alloc.describe()}); "
-                                  "run inside a Slurm/PBS/LSF job or use --engines")
-        sub = alloc if not alloc.is_batch else alloc.first(1)
-        n = engines or (int(preset.engines_per_node) if epn_set else sub.total_slots)
-        if engines and epn_set and engines != int(preset.engines_per_node):
-            raise AllocationError(f"--engines {engines} and --engines-per-node {preset.engines_per_node} "
-                                  "disagree on one node; give only one of them")
-        hosts = (socket.gethostname(),) if launcher == "local" else sub.hosts
-        epn = n
+
+def _count_on_one_node(preset: Preset, alloc: Allocation, launcher: str, nodes: int | None,
+                       engines: int | None) -> tuple[int, tuple[str, ...], int]:
+    """(engines, hosts, engines per node) outside a batch job or with the local launcher: one node."""
+    epn_set = preset.engines_per_node != AUTO
+    if nodes not in (None, 1):
+        if alloc.is_batch:
+            raise AllocationError(f"--nodes {nodes}: the local launcher runs engines on this node only; "
+                                  "use --launcher srun/mpiexec or --nodes 1")
+        raise AllocationError(f"--nodes {nodes}: no batch allocation here ({alloc.describe()}); "
+                              "run inside a Slurm/PBS/LSF job or use --engines")
+    sub = alloc if not alloc.is_batch else alloc.first(1)
+    n = engines or (int(preset.engines_per_node) if epn_set else sub.total_slots)
+    if engines and epn_set and engines != int(preset.engines_per_node):
+        raise AllocationError(f"--engines {engines} and --engines-per-node {preset.engines_per_node} "
+                              "disagree on one node; give only one of them")
+    hosts = (socket.gethostname(),) if launcher == "local" else sub.hosts
+    return n, hosts, n
+
+
+def _count_across_nodes(preset: Preset, alloc: Allocation, nodes: int | None,
+                        engines: int | None) -> tuple[int, tuple[str, ...], int]:
+    """(engines, hosts, engines per node) for srun/mpiexec in a batch job: any two of the three counts."""
+    epn_set = preset.engines_per_node != AUTO
+    sub = alloc.first(nodes if nodes is not None else alloc.n_hosts)
+    if engines is not None:
+        if engines < sub.n_hosts:
+            raise AllocationError(f"--engines {engines} with --nodes {sub.n_hosts}: fewer engines than "
+                                  f"nodes; ask for at least {sub.n_hosts} engines or fewer nodes")
+        if epn_set and engines != sub.n_hosts * int(preset.engines_per_node):
+            raise AllocationError(
+                f"--engines {engines} conflicts with {sub.n_hosts} nodes x --engines-per-node "
+                f"{preset.engines_per_node}; give only two of --nodes/--engines/--engines-per-node")
+        n = engines
+        epn = -(-engines // sub.n_hosts)
+    elif epn_set:
+        epn = int(preset.engines_per_node)
+        n = epn * sub.n_hosts
     else:
-        sub = alloc.first(nodes if nodes is not None else alloc.n_hosts)
-        if engines is not None:
-            if engines < sub.n_hosts:
-                raise AllocationError(f"--engines {engines} with --nodes {sub.n_hosts}: fewer engines than "
-                                      f"nodes; ask for at least {sub.n_hosts} engines or fewer nodes")
-            if epn_set and engines != sub.n_hosts * int(preset.engines_per_node):
-                raise AllocationError(
-                    f"--engines {engines} conflicts with {sub.n_hosts} nodes x --engines-per-node "
-                    f"{preset.engines_per_node}; give only two of --nodes/--engines/--engines-per-node")
-            n = engines
-            epn = -(-engines // sub.n_hosts)
-        elif epn_set:
-            epn = int(preset.engines_per_node)
-            n = epn * sub.n_hosts
-        else:
-            # one engine per task slot the scheduler gave us, as srun would place them
-            epn = max(sub.slots_per_host)
-            n = sub.total_slots
-        hosts = sub.hosts
+        # one engine per task slot the scheduler gave us, as srun would place them
+        epn = max(sub.slots_per_host)
+        n = sub.total_slots
+    return n, sub.hosts, epn
 
+
+def _launcher_args(preset: Preset, alloc: Allocation, launcher: str, hosts: tuple[str, ...], n: int,
+                   epn: int) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(MPI command, its arguments, hydra machine file lines) for srun/mpiexec; all empty for local."""
     mpi_cmd: tuple[str, ...] = ()
     mpi_args: tuple[str, ...] = ()
     machinefile: tuple[str, ...] = ()
@@ -156,7 +184,11 @@ def plan_engines(preset: Preset, alloc: Allocation, *, nodes: int | None = None,
             if alloc.is_batch and n == epn * len(hosts):
                 mpi_args += ("-ppn", str(epn))
         mpi_args += tuple(preset.mpi_args)
+    return mpi_cmd, mpi_args, machinefile
 
+
+def _controller_addresses(preset: Preset, launcher: str, hosts: tuple[str, ...]) -> tuple[str, str]:
+    """(address the controller listens on, address engines connect to): loopback when all is local."""
     local_only = launcher == "local" or _is_this_host(hosts)
     ip = preset.controller_ip
     if ip == AUTO:
@@ -165,6 +197,4 @@ def plan_engines(preset: Preset, alloc: Allocation, *, nodes: int | None = None,
     if location == AUTO:
         location = "127.0.0.1" if local_only or ipaddress.ip_address(ip).is_loopback else (
             ip if ip != "0.0.0.0" else this_host_address())
-    return EnginePlan(launcher=launcher, n_engines=n, hosts=tuple(hosts), engines_per_node=epn,
-                      mpi_cmd=mpi_cmd, mpi_args=mpi_args, controller_ip=ip,
-                      controller_location=location, machinefile_lines=machinefile)
+    return ip, location

@@ -49,6 +49,7 @@ class Preset:
     mpi_args: tuple[str, ...] = ()  # extra arguments for srun/mpiexec
     engines_per_node: int | str = AUTO  # default: the allocation's task slots per node
     log_level: str = "INFO"
+    crash_limit: int = 3  # maps: engines a task may take down before it fails as EngineCrashes
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(Preset)}
@@ -60,8 +61,9 @@ CHOICES = {"scheme": SCHEMES, "task_db": TASK_DBS, "launcher": LAUNCHERS, "log_l
 MINIMUM: dict[str, float] = {"hwm": 0, "heartbeat_period_ms": 1, "heartbeat_misses": 1,
                              "engine_heartbeat_misses": 0, "registration_timeout_s": 0.001,
                              "engine_timeout_s": 0.001, "start_timeout_s": 0.001,
-                             "engines_per_node": 1}
-INTEGER_KEYS = ("hwm", "heartbeat_period_ms", "heartbeat_misses", "engine_heartbeat_misses", "engines_per_node")
+                             "engines_per_node": 1, "crash_limit": 1}
+INTEGER_KEYS = ("hwm", "heartbeat_period_ms", "heartbeat_misses", "engine_heartbeat_misses", "engines_per_node",
+                "crash_limit")
 
 
 @dataclass(frozen=True)

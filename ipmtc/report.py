@@ -28,7 +28,7 @@ from typing import Any
 
 from .errors import ReportError
 from .outcomes import FINAL, LOST, OK, RAISED, STRAGGLER, WALLTIME
-from .stats import efficiency, task_stats
+from .stats import TaskStats, efficiency, task_stats
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 # timeline bar kinds: the outcomes, plus "retried" (raised, ran again) and "aborted" (straggler)
@@ -213,27 +213,40 @@ def lost_engines(atts: list[Attempt]) -> dict[int, float]:
 def analyze(run, *, gap_s: float | None = None, top: int = 5, startup_s: float | None = None) -> Report:
     """Compute the report's numbers (see the module docstring for definitions)."""
     run = load(run, startup_s=startup_s)
-    recs = run.records
     atts = attempts(run)
     timed = [a for a in atts if not a.inferred]
-    busy = sum(a.end - a.start for a in timed)
     makespan = sum(e - s for s, e, _ in run.spans)
-    capacity = sum((e - s) * n for s, e, n in run.spans)
-    engines = max((n for _, _, n in run.spans), default=0)
-    st = task_stats(recs)
+    st = task_stats(run.records)
     if gap_s is None:
         gap_s = max(0.1, st.median_task_s) if st.median_task_s is not None else 0.1
-    losses = run.engine_losses if run.engine_losses is not None else (
-        len(lost_engines(atts)) if any(r["history"] for r in recs) else None)
-    eff = efficiency(busy, capacity)
-    m = {"source": run.source, "schedule": run.schedule, "tasks": st.tasks, "ok": st.ok, "failed": st.failed,
-         "undone": st.undone, "retries": st.retries, "resubmits": st.resubmits,
-         "engine_losses": losses, "engines": engines, "startup_s": run.startup_s,
-         "makespan_s": round(makespan, 6), "busy_s": round(busy, 6),
-         "efficiency": round(eff, 6) if eff is not None else None,
-         "median_task_s": st.median_task_s, "gap_threshold_s": gap_s}
-    t_origin = min((s for s, _, _ in run.spans), default=0.0)
+    m = _summary_metrics(run, atts, timed, st, makespan, gap_s)
+    hosts = _per_host(timed, makespan)
+    gaps = _idle_gaps(run, timed, lost_engines(atts), gap_s)
+    m["idle_gaps"] = len(gaps)
+    m["idle_in_gaps_s"] = round(sum(g["gap_s"] for g in gaps), 6)
+    return Report(run, m, hosts, gaps, _slowest(run.records, top))
 
+
+def _summary_metrics(run: Run, atts: list[Attempt], timed: list[Attempt], st: TaskStats, makespan: float,
+                     gap_s: float) -> dict[str, Any]:
+    """The headline numbers: task counts, engine losses, makespan, busy time, efficiency."""
+    busy = sum(a.end - a.start for a in timed)
+    capacity = sum((e - s) * n for s, e, n in run.spans)
+    engines = max((n for _, _, n in run.spans), default=0)
+    # without any attempt history (a journal) engine losses cannot be told from the records
+    losses = run.engine_losses if run.engine_losses is not None else (
+        len(lost_engines(atts)) if any(r["history"] for r in run.records) else None)
+    eff = efficiency(busy, capacity)
+    return {"source": run.source, "schedule": run.schedule, "tasks": st.tasks, "ok": st.ok, "failed": st.failed,
+            "undone": st.undone, "retries": st.retries, "resubmits": st.resubmits,
+            "engine_losses": losses, "engines": engines, "startup_s": run.startup_s,
+            "makespan_s": round(makespan, 6), "busy_s": round(busy, 6),
+            "efficiency": round(eff, 6) if eff is not None else None,
+            "median_task_s": st.median_task_s, "gap_threshold_s": gap_s}
+
+
+def _per_host(timed: list[Attempt], makespan: float) -> list[dict[str, Any]]:
+    """Engines, attempts, busy time and utilization of each host, sorted by host name."""
     per_host: dict[str, dict[str, Any]] = {}
     for a in timed:
         h = per_host.setdefault(a.host or "unknown", {"host": a.host or "unknown", "engines": set(),
@@ -246,8 +259,12 @@ def analyze(run, *, gap_s: float | None = None, top: int = 5, startup_s: float |
         n = len(h["engines"])
         hosts.append({"host": h["host"], "engines": n, "attempts": h["attempts"], "busy_s": round(h["busy_s"], 6),
                       "utilization": round(h["busy_s"] / (n * makespan), 6) if makespan > 0 else None})
+    return hosts
 
-    gone = lost_engines(atts)
+
+def _idle_gaps(run: Run, timed: list[Attempt], gone: dict[int, float], gap_s: float) -> list[dict[str, Any]]:
+    """Idle stretches longer than ``gap_s`` per engine and driver run, longest first (times from the start)."""
+    t_origin = min((s for s, _, _ in run.spans), default=0.0)
     gaps = []
     for s0, s1, _ in run.spans:
         by_engine: dict[Any, list[Attempt]] = {}
@@ -261,22 +278,23 @@ def analyze(run, *, gap_s: float | None = None, top: int = 5, startup_s: float |
             for a in lst[1:]:
                 edges.append((end, a.start, "between"))
                 end = max(end, a.end)
-            if eid not in gone:
+            if eid not in gone:  # a lost engine's silence after its loss is not idle time
                 edges.append((end, s1, "end"))
             for g0, g1, where in edges:
                 if g1 - g0 > gap_s:
                     gaps.append({"engine": eid, "host": lst[0].host, "from_s": round(g0 - t_origin, 6),
                                  "to_s": round(g1 - t_origin, 6), "gap_s": round(g1 - g0, 6), "where": where})
     gaps.sort(key=lambda g: (-g["gap_s"], g["from_s"], str(g["engine"])))
-    m["idle_gaps"] = len(gaps)
-    m["idle_in_gaps_s"] = round(sum(g["gap_s"] for g in gaps), 6)
+    return gaps
 
+
+def _slowest(recs: list[dict[str, Any]], top: int) -> list[dict[str, Any]]:
+    """The ``top`` longest final attempts (ties: lowest task index first)."""
     finals = [r for r in recs if r["started"] is not None and r["finished"] is not None and r["outcome"] in FINAL]
     finals.sort(key=lambda r: (-(r["finished"] - r["started"]), r["index"]))
-    slowest = [{"task": r["index"], "engine": r["engine_id"], "host": r["host"],
-                "duration_s": round(r["finished"] - r["started"], 6), "outcome": r["outcome"],
-                "attempts": r["attempts"]} for r in finals[:top]]
-    return Report(run, m, hosts, gaps, slowest)
+    return [{"task": r["index"], "engine": r["engine_id"], "host": r["host"],
+             "duration_s": round(r["finished"] - r["started"], 6), "outcome": r["outcome"],
+             "attempts": r["attempts"]} for r in finals[:top]]
 
 
 # ---------------------------------------------------------------- output

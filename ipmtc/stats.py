@@ -25,36 +25,58 @@ class TaskStats:
     undone: int  # no final outcome: never handed out, or left when the map stopped
     retries: int  # attempts charged beyond the first
     resubmits: int  # re-runs not charged (engine lost, straggler aborted)
+    crashes: int  # engines that died under a task running alone on them
     median_task_s: float | None  # of the tasks that ended ok
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _field(rec: Any, name: str) -> Any:
-    return rec[name] if isinstance(rec, Mapping) else getattr(rec, name)
+def _field(rec: Any, name: str, default: Any = None) -> Any:
+    return rec.get(name, default) if isinstance(rec, Mapping) else getattr(rec, name, default)
+
+
+class Tally:
+    """Running counts over task records, added one at a time (a stream keeps no records)."""
+
+    MEDIAN_SAMPLE = 10_000  # the median ok task time is taken over the first this many
+
+    def __init__(self) -> None:
+        self.tasks = self.ok = self.failed = self.undone = self.retries = self.resubmits = self.crashes = 0
+        self.busy_s = 0.0  # the ok tasks' own times
+        self._durations: list[float] = []
+
+    def add(self, r: Any) -> None:
+        self.tasks += 1
+        outcome = _field(r, "outcome")
+        if outcome == OK:
+            self.ok += 1
+            started, finished = _field(r, "started"), _field(r, "finished")
+            if started is not None and finished is not None:
+                self.busy_s += finished - started
+                if len(self._durations) < self.MEDIAN_SAMPLE:
+                    self._durations.append(finished - started)
+        elif outcome in FAILED:
+            self.failed += 1
+        elif outcome not in FINAL:
+            self.undone += 1
+        self.retries += max(0, (_field(r, "attempts") or 0) - 1)
+        self.resubmits += _field(r, "resubmits") or 0
+        self.crashes += _field(r, "crashes", 0) or 0
+
+    def stats(self) -> TaskStats:
+        median = round(statistics.median(self._durations), 6) if self._durations else None
+        return TaskStats(self.tasks, self.ok, self.failed, self.undone, self.retries, self.resubmits,
+                         self.crashes, median)
 
 
 def task_stats(records: Iterable[Any]) -> TaskStats:
-    """Count ``records`` by outcome, with retries, resubmits and the median ok task time."""
-    tasks = ok = failed = undone = retries = resubmits = 0
-    durations: list[float] = []
+    """Count ``records`` by outcome, with retries, resubmits, crashes and the median ok task time."""
+    tally = Tally()
+    tally.MEDIAN_SAMPLE = 1 << 62  # every task's time
     for r in records:
-        tasks += 1
-        outcome = _field(r, "outcome")
-        if outcome == OK:
-            ok += 1
-            started, finished = _field(r, "started"), _field(r, "finished")
-            if started is not None and finished is not None:
-                durations.append(finished - started)
-        elif outcome in FAILED:
-            failed += 1
-        elif outcome not in FINAL:
-            undone += 1
-        retries += max(0, (_field(r, "attempts") or 0) - 1)
-        resubmits += _field(r, "resubmits") or 0
-    median = round(statistics.median(durations), 6) if durations else None
-    return TaskStats(tasks, ok, failed, undone, retries, resubmits, median)
+        tally.add(r)
+    return tally.stats()
 
 
 def efficiency(busy_s: float, capacity_s: float) -> float | None:

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .. import _ipp
 from ..errors import ChannelLost, ChunkFailed
@@ -87,6 +88,11 @@ class ChannelResult:
 
     def ready(self) -> bool:
         return self._frames is not None or self._error is not None
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the chunk has no answer (once ready), or None."""
+        return self._error
 
     def get(self, timeout: float = 0) -> Any:
         if self._error is not None:
@@ -145,6 +151,7 @@ class Channel:
         self.results: dict[str, ChannelResult] = {}
         self._seen: set[bytes] = set()  # signatures of hellos and byes: a replayed one is refused
         self.connected: set[int] = set()  # engines whose listener said hello (written by the thread)
+        self.gone: set[int] = set()  # engines whose connection dropped without a bye (died)
         self.asked: set[int] = set()  # engines sent an attach (by the dispatcher)
         # msg ids of this client's attach applies, answered but not waited for: the next purge drops them
         self.late_purge: deque[str] = deque()
@@ -247,20 +254,33 @@ class Channel:
         idents: dict[int, bytes] = {}  # engine -> its listener's identity
         maps: dict[str, list] = {}  # map id -> its packed spec message
         told: dict[int, set[str]] = {}  # engine -> map ids whose spec it has
+        # a listener's connection that drops without a bye is an engine that died: the socket's
+        # monitor tells at once (by file descriptor; hellos tell which fd is whose), also while the
+        # controller, whose registry tells engine loss otherwise, is gone
+        monitor = self.router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        fds: dict[int, int] = {}  # connection fd -> engine
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._inbox, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         next_ping = time.monotonic() + PING_EVERY_S
         ping = wire.pack(self.key, ("ping",))
         try:
             while True:
                 for sock, _ in poller.poll(max(0, int((next_ping - time.monotonic()) * 1000)) + 1):
                     if sock is self.router:
-                        msg = self.router.recv_multipart(copy=True)
+                        frames = self.router.recv_multipart(copy=False)
                         try:
-                            self._from_engine(msg, idents, told)
+                            eid = self._from_engine([f.bytes for f in frames], idents, told)
+                            if eid is not None:  # a hello: remember its connection
+                                fds[frames[-1].get(zmq.SRCFD)] = eid
                         except Exception:  # one bad message must not stop the channel
                             pass
+                    elif sock is monitor:
+                        event = recv_monitor_message(monitor)
+                        eid = fds.pop(event["value"], None)
+                        if eid is not None:
+                            self._disconnected(eid, idents, told)
                     elif not self._from_driver(self._inbox.recv_multipart(), idents, maps, told):
                         return
                 if time.monotonic() >= next_ping:
@@ -269,6 +289,8 @@ class Channel:
         finally:
             self._closed = True
             self.connected.clear()
+            self.router.disable_monitor()
+            monitor.close(0)
             self.router.close(0)
             self._inbox.close(0)
             for res in list(self.results.values()):
@@ -310,26 +332,39 @@ class Channel:
             return False
         return True
 
-    def _lost(self, mid: str) -> None:
+    def _lost(self, mid: str, engine_died: bool = False) -> None:
         res = self.results.get(mid)
         if res is not None:
-            res._set(error=ChannelLost(f"engine {res.engine_id} stopped listening"))
+            why = "died" if engine_died else "stopped listening"
+            res._set(error=ChannelLost(f"engine {res.engine_id} {why}", engine_died=engine_died))
 
-    def _from_engine(self, msg: list, idents: dict[int, bytes], told: dict[int, set[str]]) -> None:
+    def _disconnected(self, eid: int, idents: dict[int, bytes], told: dict[int, set[str]]) -> None:
+        """A listener's connection dropped without a bye: its engine is gone, its chunks are lost with it."""
+        if eid not in idents:
+            return  # it said bye first
+        idents.pop(eid, None)
+        told.pop(eid, None)
+        self.drop_engine(eid)
+        self.gone.add(eid)
+        for mid, res in list(self.results.items()):
+            if res.engine_id == eid:
+                self._lost(mid, engine_died=True)
+
+    def _from_engine(self, msg: list, idents: dict[int, bytes], told: dict[int, set[str]]) -> int | None:
         ident, frames = msg[0], msg[1:]
         got = wire.unpack(self.key, frames)
         if got is None:
-            return  # not one of our listeners
+            return None  # not one of our listeners
         header, payload = got
         kind = header[0]
         if kind in ("hello", "bye"):
             if frames[0] in self._seen:
-                return
+                return None
             self._seen.add(frames[0])
         if kind in ("done", "start", "failed"):
             res = self.results.get(header[1])
             if res is None:
-                return
+                return None
             if kind == "done":
                 res._set(frames=payload)
             elif kind == "start":
@@ -348,6 +383,7 @@ class Channel:
             idents[eid] = ident
             told.pop(eid, None)
             self.connected.add(eid)
+            return eid
         elif kind == "bye":
             eid = int(header[1])
             idents.pop(eid, None)
@@ -356,3 +392,4 @@ class Channel:
             for mid, res in list(self.results.items()):
                 if res.engine_id == eid:
                     self._lost(mid)
+        return None

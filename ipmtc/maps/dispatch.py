@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from .hubwatch import HubWatch
 from .ledger import Ledger
 from .options import Options
 from .placement import Placement
@@ -39,18 +40,52 @@ class Dispatcher:
 
     def __init__(self, client: Any, spec: MapSpec, source: Iterator[tuple[int, Any]], n_total: int | None,
                  opts: Options, *, engines: list[int] | None = None):
+        only = set(engines) if engines is not None else None  # a view: its engines, no others
         engines = list(engines if engines is not None else client.ids)
         self.bar = Progress(opts.progress, n_total, f"ipmtc {opts.schedule}")
         self.done_q: queue.SimpleQueue[str] = queue.SimpleQueue()  # msg ids of answered chunks
         self.ledger = Ledger(source, n_total, opts, len(engines), self.bar)
-        self.placement = Placement(opts, engines, n_total, self.ledger.times)
+        self.placement = Placement(opts, engines, n_total, self.ledger.times, only)
         self.transport = Transport(client, spec, self.done_q.put)
-        self.supervisor = Supervisor(self.placement, self.ledger, self.transport, opts.fast_abort)
+        self.supervisor = Supervisor(self.placement, self.ledger, self.transport, opts.fast_abort,
+                                     HubWatch.for_client(client))
         self.journal = opts.journal
 
     def run(self) -> MapResult:
-        res = self.ledger.res
-        res.started_at = time.time()
+        """Run the map to its end; the :class:`MapResult` with every task."""
+        for _ in self._rounds():
+            pass
+        return self.ledger.res
+
+    def stream(self) -> Iterator[Any]:
+        """Run the map, yielding results as they come (``imap``): in input order, or as completed.
+
+        With a journal, what is yielded was committed first. Ordered, a result that
+        arrives early waits for those before it; nothing else is held.
+        """
+        ledger, ordered = self.ledger, self.ledger.opts.ordered
+        held: dict[int, Any] = {}
+        expect = 0
+        for _ in self._rounds():
+            if not ledger.ready:
+                continue
+            if self.journal is not None:
+                self.journal.flush()  # durable before the caller sees it
+            while ledger.ready:
+                index, value = ledger.ready.popleft()
+                if not ordered:
+                    yield value
+                    continue
+                held[index] = value
+                while expect in held:
+                    yield held.pop(expect)
+                    expect += 1
+        for index in sorted(held):  # after tasks left undone
+            yield held.pop(index)
+
+    def _rounds(self) -> Iterator[None]:
+        """The map's loop: hand out, settle answers, supervise; yields after each round."""
+        self.ledger.res.started_at = time.time()
         self.bar.open()
         try:
             self.transport.open(self.placement.engines)
@@ -60,15 +95,22 @@ class Dispatcher:
                     break
                 self._drain_completions(timeout=0.05)
                 self._supervise()
+                yield
+            yield
         finally:
-            self.transport.close()
-            self.ledger.close()
-            self.transport.flush_purge()
-            if self.journal is not None:
-                self.journal.flush()
-            self._refresh_bar(force=True)
-            self.bar.close()
-        return res
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        """The map's end, also on an error: nothing here may raise over the error or lose a result."""
+        for step in (self.transport.close, self.ledger.close, self.transport.flush_purge):
+            try:
+                step()
+            except Exception:  # a broken client or channel must not hide the map's results
+                pass
+        if self.journal is not None:
+            self.journal.flush()  # never raises (a failed write is the journal's .error)
+        self._refresh_bar(force=True)
+        self.bar.close()
 
     # ------------------------------------------------------------ handing out
 
@@ -79,7 +121,7 @@ class Dispatcher:
                 return
             for target in place.candidates(ledger.pending()):
                 size = place.chunk_size(ledger.remaining(), self.transport.listening())
-                indices = ledger.take(size, target, place.engines)
+                indices = ledger.take(size, target, place.engines, idle=place.idle(target))
                 if indices:
                     place.next_turn()
                     self._submit(indices, target)
@@ -106,7 +148,7 @@ class Dispatcher:
                 self._submit(good, target, speculative)
             return
         self.ledger.sent(indices, chunk.submitted)
-        self.placement.placed(target)
+        self.placement.placed(target, alone=indices[0] in self.ledger.crashes.alone)
 
     # ------------------------------------------------------------ answers
 
@@ -122,6 +164,8 @@ class Dispatcher:
                 chunk, done = answered
                 self.placement.released(chunk.target)
                 self.ledger.settle(chunk.indices, done)
+                if done.crashed:  # its engine died: out of the rotation before the next chunk is placed
+                    self.supervisor.look_now()
             try:
                 mid = self.done_q.get_nowait()
             except queue.Empty:
@@ -134,6 +178,7 @@ class Dispatcher:
         if not sup.due():
             return
         sup.track_engines()
+        sup.check_controller()
         sup.check_engines_left()
         for index, eid in sup.stragglers():
             targets = self.placement.rerun_targets(eid, self.ledger.pending())

@@ -16,6 +16,7 @@ to this module (``ipmtc.maps.listener``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -177,10 +178,14 @@ class _Listener:
             finally:
                 self.armed = False
         finally:
+            # each step on its own: a log on a full disk (or quota) must not keep the chunk from being
+            # answered, nor leave the engine redirected or deaf to SIGINT
             for f in self.out:
-                f.flush()
+                with contextlib.suppress(Exception):
+                    f.flush()
             sys.stdout, sys.stderr = streams
-            _restore_fds(fds)
+            with contextlib.suppress(Exception):
+                _restore_fds(fds)
             signal.signal(signal.SIGINT, saved)
 
 
@@ -198,8 +203,10 @@ def _fds_to_log(kernel_streams: tuple) -> list[tuple[int, int]]:
 
 def _restore_fds(moved: list[tuple[int, int]]) -> None:
     for fd, capture in moved:
-        os.dup2(capture, fd)
-        os.close(capture)
+        try:
+            os.dup2(capture, fd)
+        finally:
+            os.close(capture)
 
 
 def _plain(stream: Any) -> Any:

@@ -28,6 +28,8 @@ class Options:
     drain_margin_s: float = 30.0
     journal: Journal | None = None
     key: Callable[[Any], str] | None = None  # the journal's task key (None without a journal)
+    crash_limit: int = 3  # engines a task may take down before it fails as EngineCrashes
+    stream: bool = False  # imap: results go to the caller as they come, nothing of a finished task is kept
 
     @property
     def static(self) -> bool:

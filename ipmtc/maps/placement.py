@@ -33,13 +33,16 @@ DYNAMIC_WINDOW_PER_ENGINE = 2  # one running + one waiting on the engine hides t
 class Placement:
     """The engines of one map, how many chunks each holds, and the placement policy over them."""
 
-    def __init__(self, opts: Options, engines: list[int], n_total: int | None, times: TaskTimes):
+    def __init__(self, opts: Options, engines: list[int], n_total: int | None, times: TaskTimes,
+                 only: set[int] | None = None):
         self.opts, self.static, self.n_total, self.times = opts, opts.static, n_total, times
+        self.only = only  # a map over a view: its engines only (no others join)
         self.engines: list[int] = list(engines)  # alive, in rotation order
         self.known: set[int] = set(self.engines)  # every engine this map has seen
         self.load: dict[int, int] = {}  # engine -> chunks placed on it and not answered yet
         self.rot = 0
         self.draining = False
+        self.exclusive: set[int] = set()  # engines running a task under crash suspicion: nothing else goes there
 
     # ------------------------------------------------------------ the engines
 
@@ -51,18 +54,27 @@ class Placement:
             self.engines = [e for e in self.engines if e in alive]
             for e in lost:
                 self.load.pop(e, None)
-        new = [e for e in alive_ids if e not in self.known]
+                self.exclusive.discard(e)
+        new = [e for e in alive_ids if e not in self.known and (self.only is None or e in self.only)]
         if new:  # replacements (or late starters) join the rotation
             self.known.update(new)
             self.engines += new
         return lost, new
 
-    def placed(self, target: int) -> None:
+    def placed(self, target: int, alone: bool = False) -> None:
+        """A chunk went to ``target``; ``alone``: a suspect's, which has the engine to itself until answered."""
         self.load[target] = self.load.get(target, 0) + 1
+        if alone:
+            self.exclusive.add(target)
 
     def released(self, target: int) -> None:
         if target in self.load:  # (a lost engine's count is gone already)
             self.load[target] -= 1
+            if not self.load[target]:
+                self.exclusive.discard(target)
+
+    def idle(self, target: int) -> bool:
+        return not self.load.get(target, 0)
 
     def next_turn(self) -> None:
         """The rotation moves on (after a chunk was dealt)."""
@@ -94,7 +106,7 @@ class Placement:
         window = self.window(pending)
         n_eng = len(self.engines)
         order = [self.engines[(self.rot + k) % n_eng] for k in range(n_eng)]
-        room = [e for e in order if self.load.get(e, 0) < window and e != exclude]
+        room = [e for e in order if self.load.get(e, 0) < window and e != exclude and e not in self.exclusive]
         if not self.static:
             room.sort(key=lambda e: self.load.get(e, 0))  # stable: rotation breaks ties
         return room

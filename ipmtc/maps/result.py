@@ -26,6 +26,7 @@ class TaskRecord:
     finished: float | None = None
     attempts: int = 0  # attempts charged to the task (its own exceptions / walltime)
     resubmits: int = 0  # re-runs not charged: engine lost, straggler abort, drained
+    crashes: int = 0  # engines that died while this task ran alone on them (see crash_limit)
     outcome: str | None = None  # final: ipmtc.outcomes OK | RAISED | WALLTIME | UNDONE
     error: str | None = None  # "Ename: message" of the last failure
     history: list = field(default_factory=list)  # earlier attempts: (engine_id, host, started, finished, outcome)
@@ -117,6 +118,7 @@ class MapResult:
             "retries": st.retries,
             "resubmits": st.resubmits,
             "from_journal": self.journal_hits,
+            "crashes": st.crashes,
             "engine_losses": self.engine_losses,
             "engines": self.n_engines,
             "makespan_s": round(makespan, 3),

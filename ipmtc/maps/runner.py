@@ -2,9 +2,12 @@
 
 Runs inside an IPython Parallel engine. One chunk = one message, so short
 tasks do not pay per-task messaging. A task's exception is caught and reported
-for that task only. With a walltime, tasks run in a forked child that is
-SIGKILLed at the deadline: that stops C calls too, and the engine itself is
-unharmed and stays in service (measured cost: a few ms per chunk, not per task).
+for that task only. With a walltime or a memory limit (``max_rss_mb``), tasks run
+in a forked child, the leader of its own process group, that is SIGKILLed --
+with every process it started -- at the deadline or once the group's resident
+memory passes the limit (checked every :data:`RSS_POLL_S`): that stops C calls
+too, the kernel's OOM killer never has to pick the engine, and the engine
+stays in service (measured cost: a few ms per chunk, not per task).
 
 SIGINT to the engine (the dispatcher's straggler abort) ends the current task
 as ``aborted``; the rest of the chunk comes back as ``notrun``.
@@ -15,6 +18,7 @@ channel's listener, which calls :func:`run_chunk` itself.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import select
@@ -26,11 +30,12 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from ..outcomes import ABORTED, NOTRUN, OK, RAISED, WALLTIME
+from ..outcomes import ABORTED, MEMORY, NOTRUN, OK, RAISED, WALLTIME
 from .spec import MapSpec
 
 __all__ = ["ABORTED", "NOTRUN", "OK", "RAISED", "RUN_CHUNK", "WALLTIME", "error_of", "run_chunk", "where"]
 
+RSS_POLL_S = 0.1  # how often a task's memory is looked at under max_rss_mb
 Row = tuple  # (index, status, payload, started, finished)
 OnStart = Callable[[int, float], None] | None  # told (task index, start time) as each task starts
 
@@ -124,12 +129,42 @@ class _Reader:
             self.buf += chunk
 
 
-def _kill(pid: int) -> int:
+def _tree(pid: int) -> list[int]:
+    """``pid``'s descendants (the processes a task started, and theirs)."""
     try:
+        import psutil
+
+        return [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except Exception:  # gone already, or psutil cannot look
+        return []
+
+
+def _kill(pid: int) -> int:
+    """SIGKILL the task's child and everything it started (its process group and its descendants)."""
+    for p in _tree(pid):  # listed first: killed, the child's orphans would move to init
+        with contextlib.suppress(OSError):
+            os.kill(p, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)  # the child leads its own group (see _fork)
+    with contextlib.suppress(OSError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     return os.waitpid(pid, 0)[1]
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` and its descendants, in MB (0 when it cannot be read)."""
+    try:
+        import psutil
+
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except Exception:
+        return 0.0
+    total = 0
+    for p in procs:
+        with contextlib.suppress(Exception):
+            total += p.memory_info().rss
+    return total / 2**20
 
 
 def _fork(fn: Callable, todo: list, star: bool) -> tuple[int, int]:
@@ -139,6 +174,7 @@ def _fork(fn: Callable, todo: list, star: bool) -> tuple[int, int]:
     if pid == 0:  # child: never return into the engine
         code = 0
         try:
+            os.setpgid(0, 0)  # the task's processes form one group: a kill reaches all of them
             os.close(rfd)
             _child(fn, todo, star, wfd)
         except BaseException:
@@ -155,7 +191,35 @@ def _death(status: int) -> str:
     return f"the process running the task died ({how})"
 
 
-def _run_forked(fn: Callable, tasks: list, star: bool, walltime_s: float | None, on_start: OnStart) -> list[Row]:
+class _Limits:
+    """A running task's walltime and memory limit: how long to wait for the child, and which limit it broke."""
+
+    def __init__(self, walltime_s: float | None, max_rss_mb: float | None):
+        self.walltime_s, self.max_rss_mb = walltime_s, max_rss_mb
+
+    def wait_s(self, current: tuple[int, float] | None) -> float | None:
+        if current is None:
+            return None
+        waits = [RSS_POLL_S] if self.max_rss_mb is not None else []
+        if self.walltime_s is not None:
+            waits.append(max(0.0, current[1] + self.walltime_s - time.time()))
+        return min(waits) if waits else None
+
+    def broken(self, pid: int, current: tuple[int, float]) -> tuple[str, dict[str, str]] | None:
+        """(outcome, error) of a limit the running task broke, or None."""
+        if self.walltime_s is not None and time.time() >= current[1] + self.walltime_s:
+            return WALLTIME, {"ename": "WalltimeExceeded", "traceback": "",
+                              "evalue": f"task ran longer than walltime_s={self.walltime_s:g}"}
+        if self.max_rss_mb is not None:
+            rss = _rss_mb(pid)
+            if rss > self.max_rss_mb:
+                return MEMORY, {"ename": "MemoryExceeded", "traceback": "",
+                                "evalue": f"the task's processes grew to {rss:.0f} MB, past "
+                                          f"max_rss_mb={self.max_rss_mb:g}; it was killed"}
+        return None
+
+
+def _run_forked(fn: Callable, tasks: list, star: bool, limits: _Limits, on_start: OnStart) -> list[Row]:
     rows: list[Row] = []
     todo = list(tasks)
     while todo:
@@ -164,9 +228,7 @@ def _run_forked(fn: Callable, tasks: list, star: bool, walltime_s: float | None,
         current: tuple[int, float] | None = None
         try:
             while todo:
-                timeout = None if current is None or walltime_s is None else \
-                    max(0.0, current[1] + walltime_s - time.time())
-                kind, msg = reader.read(timeout)
+                kind, msg = reader.read(limits.wait_s(current))
                 if kind == "msg" and msg[0] == "start":
                     current = (msg[1], msg[2])
                     if on_start is not None:
@@ -175,21 +237,21 @@ def _run_forked(fn: Callable, tasks: list, star: bool, walltime_s: float | None,
                     rows.append(msg)
                     todo.pop(0)
                     current = None
-                elif kind == "timeout":  # walltime: stop the task for real, go on with the rest
+                elif kind == "timeout":  # a limit to check: stop the task for real, go on with the rest
+                    broke = limits.broken(pid, current) if current is not None else None
+                    if broke is None:
+                        continue
                     _kill(pid)
                     pid = 0
-                    rows.append((todo[0][0], WALLTIME, {"ename": "WalltimeExceeded",
-                                 "evalue": f"task ran longer than walltime_s={walltime_s:g}", "traceback": ""},
-                                 current[1] if current else time.time(), time.time()))
-                    todo.pop(0)
+                    rows.append((todo.pop(0)[0], broke[0], broke[1], current[1] if current else time.time(),
+                                 time.time()))
                     break
                 else:  # the child died under the task (segfault, os._exit, OOM killer)
                     status = os.waitpid(pid, 0)[1]
                     pid = 0
                     started = current[1] if current else time.time()
-                    rows.append((todo[0][0], RAISED, {"ename": "WorkerDied", "evalue": _death(status),
+                    rows.append((todo.pop(0)[0], RAISED, {"ename": "WorkerDied", "evalue": _death(status),
                                  "traceback": ""}, started, time.time()))
-                    todo.pop(0)
                     break
         except KeyboardInterrupt:  # straggler abort from the dispatcher
             if todo:
@@ -251,7 +313,7 @@ def run_chunk(spec: MapSpec, tasks: list, on_start: OnStart = None) -> Chunk:
     node, pid = where()
     tell = (on_start or _publish_start) if spec.publish_start else None
     if spec.forked:
-        rows = _run_forked(spec.fn, tasks, spec.star, spec.walltime_s, tell)
+        rows = _run_forked(spec.fn, tasks, spec.star, _Limits(spec.walltime_s, spec.max_rss_mb), tell)
     else:
         rows = _run_inline(spec.fn, tasks, spec.star, tell)
     prefix = spec.journal_prefix

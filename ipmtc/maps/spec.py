@@ -23,11 +23,12 @@ class MapSpec:
     isolate: bool = False  # run tasks in a forked child even without a walltime (aborts kill it)
     publish_start: bool = False  # tell the driver when each task starts (straggler supervision)
     journal_prefix: bytes | None = None  # key the tasks and pickle the ok results for the journal
+    max_rss_mb: float | None = None  # a task whose processes' resident memory grows past this is killed
 
     @property
     def forked(self) -> bool:
         """Whether tasks run in a forked child of the engine."""
-        return self.walltime_s is not None or self.isolate
+        return self.walltime_s is not None or self.isolate or self.max_rss_mb is not None
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # the function goes as ipyparallel sends an apply's function (canned: code for one defined in
@@ -35,7 +36,7 @@ class MapSpec:
         from ipyparallel.serialize import can
 
         return _load, (can(self.fn), self.star, self.walltime_s, self.isolate, self.publish_start,
-                       self.journal_prefix)
+                       self.journal_prefix, self.max_rss_mb)
 
 
 def _load(canned_fn: Any, *settings: Any) -> MapSpec:

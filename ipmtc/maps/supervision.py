@@ -6,7 +6,14 @@ uncharged: the hub would answer them with an ``EngineError`` only after its
 registration timeout (tens of seconds with the presets), and the dispatcher knows
 where each chunk went. New engines join the rotation (and are asked to listen).
 With no engine left for :data:`NO_ENGINE_GRACE_S` the map ends with
-:class:`~ipmtc.errors.EnginesLostError`, which carries what was computed. With
+:class:`~ipmtc.errors.EnginesLostError`, which carries what was computed.
+
+A lost controller (its hub silent for :data:`.hubwatch.LOST_AFTER_S`, and no
+apply answered meanwhile) never hangs a map: applies cannot answer without it,
+so their chunks go back in line, and engines whose listener talks to this
+process directly go on (their deaths are told by the channel itself); once no
+such engine is left the map ends with :class:`~ipmtc.errors.ControllerLostError`,
+which carries every result computed. With
 ``fast_abort``, a task running longer than that factor times the median is
 aborted (SIGINT to its engine) and a second copy runs elsewhere; whichever copy
 finishes first wins, the other is discarded.
@@ -16,8 +23,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from ..errors import EnginesLostError
+from ..errors import ControllerLostError, EnginesLostError
 from ..outcomes import LOST
+from .hubwatch import LOST_AFTER_S, HubWatch
 from .ledger import Ledger
 from .placement import Placement
 from .transport import Transport
@@ -29,9 +37,12 @@ SUPERVISE_EVERY_S = 0.1
 class Supervisor:
     """Engine liveness, lost-engine rescue, straggler aborts and giving up, for one map."""
 
-    def __init__(self, placement: Placement, ledger: Ledger, transport: Transport, fast_abort: float | None):
+    def __init__(self, placement: Placement, ledger: Ledger, transport: Transport, fast_abort: float | None,
+                 hub: HubWatch | None = None):
         self.placement, self.ledger, self.transport = placement, ledger, transport
         self.fast_abort = fast_abort
+        self.hub = hub
+        self.controller_lost = False
         self._last = 0.0
         self._no_engine_since: float | None = None
 
@@ -52,10 +63,38 @@ class Supervisor:
         lost, new = self.placement.track(self.transport.engine_ids())
         if lost:
             self.ledger.res.engine_losses += len(lost)
-            for chunk in self.transport.rescue(set(lost)):
-                self.ledger.requeue(chunk.indices, chunk.target, LOST)
+            node_losses = self._node_losses(lost)
+            for eid, chunks in self.transport.rescue(set(lost)).items():
+                self.ledger.engine_died(eid, [c.indices for c in chunks], node_loss=eid in node_losses)
         if new:
             self.transport.attach(new)
+
+    def _node_losses(self, lost: list[int]) -> set[int]:
+        """Of ``lost`` (gone at once), the engines that went with another engine of their host: a node loss."""
+        by_host: dict[str, list[int]] = {}
+        for e in lost:
+            host = self.ledger.hosts.get(e)
+            if host is not None:
+                by_host.setdefault(host, []).append(e)
+        return {e for group in by_host.values() if len(group) > 1 for e in group}
+
+    def check_controller(self) -> None:
+        """Without a controller: applies go back in line, only channel engines go on; none left ends the map."""
+        if self.hub is None or not self.hub.lost():
+            return
+        if time.monotonic() - self.transport.last_apply_answer < LOST_AFTER_S:
+            return  # an apply answered lately: the controller lives (its hub is only busy)
+        if not self.controller_lost:
+            self.controller_lost = True
+            for chunk in self.transport.take_applies():
+                self.ledger.requeue(chunk.indices, chunk.target, LOST)
+        able = [e for e in self.placement.engines if self.transport.listening(e)]
+        if able != self.placement.engines:
+            self.placement.engines = able
+        outstanding = bool(self.transport.inflight) or self.ledger.has_work()
+        if not able and outstanding:
+            self._give_up(ControllerLostError, f"the controller is gone (silent for {self.hub.silent_s():.0f} s) "
+                          "and no engine can run tasks without it")
 
     def check_engines_left(self) -> None:
         """Raise :class:`EnginesLostError` once no engine has been left for the grace time."""
@@ -66,7 +105,7 @@ class Supervisor:
         now = time.monotonic()
         self._no_engine_since = self._no_engine_since or now
         if now - self._no_engine_since > NO_ENGINE_GRACE_S:
-            self._give_up()
+            self._give_up(EnginesLostError, "all engines are gone")
 
     def stragglers(self) -> Iterator[tuple[int, int | None]]:
         """Abort each straggler; yield (task index, engine it straggled on) for its second copy.
@@ -91,13 +130,14 @@ class Supervisor:
             self.ledger.straggler(index, eid, t0, now)
             yield index, eid
 
-    def _give_up(self) -> None:
+    def _give_up(self, kind: type[EnginesLostError | ControllerLostError] = EnginesLostError,
+                 why: str = "all engines are gone") -> None:
         chunks = self.transport.abandon()
         outstanding = sorted({i for c in chunks for i in c.indices} | set(self.ledger.redo))
         res = self.ledger.give_up(outstanding)
-        err = EnginesLostError(
-            f"all engines are gone with {len(res.undone)} task(s) outstanding; "
-            f"{len(res)} results are kept in this error's .result; restart the cluster "
-            "(ipmtc stop; ipmtc start) and map the undone tasks again")
+        n_undone = len(res.undone)
+        err = kind(f"{why} with {n_undone} task(s) outstanding; the {self.ledger.n_finished} results computed "
+                   "are in this error's .result; restart the cluster (ipmtc stop; ipmtc start) and map the undone "
+                   "tasks again (with journal=, a rerun of the same map does only those)")
         err.result = res
         raise err

@@ -10,6 +10,7 @@ and sends the straggler aborts.
 """
 from __future__ import annotations
 
+import itertools
 import pickle
 import signal
 import time
@@ -20,6 +21,7 @@ from typing import Any
 from ipyparallel.error import NoEnginesRegistered
 
 from .. import _ipp
+from ..errors import ChannelLost
 from . import runner
 from .channel import Channel, ChannelResult
 from .spec import MapSpec
@@ -42,6 +44,7 @@ class Chunk:
     submitted: float
     handle: Any  # an ipyparallel AsyncResult or a ChannelResult
     speculative: bool = False
+    seq: int = 0  # order of submission (an engine runs its chunks in this order)
 
 
 @dataclass
@@ -55,7 +58,23 @@ class Completion:
     entries: list[tuple] = field(default_factory=list)  # ok tasks keyed for the journal, see runner
     journal_blob: bytes | None = None  # ``entries`` as the engine pickled them (stored as they are)
     lost: bool = False  # the engine or its listener went away: run again, uncharged
+    crashed: bool = False  # (lost) its engine died: the crash rules apply (see .crashes)
+    also_lost: list[list[int]] = field(default_factory=list)  # (crashed) the engine's other unanswered chunks
     error: dict[str, str] | None = None  # the chunk could not run at all: each task is charged
+
+
+def _unanswered(chunk: Chunk) -> bool:
+    """Not answered by its engine: still waiting, or lost with it (a chunk it was running, or queued)."""
+    handle = chunk.handle
+    if not handle.ready():
+        return True
+    if isinstance(handle, ChannelResult):
+        return isinstance(handle.error, ChannelLost)
+    try:
+        handle.get(timeout=0)
+    except Exception as e:  # the hub answered for the dead engine
+        return getattr(e, "ename", type(e).__name__) in LOST_NAMES
+    return False
 
 
 def _sendable(item: Any) -> bool:
@@ -79,6 +98,8 @@ class Transport:
         self._late: Channel | None = None  # the client's channel, whose late attach replies we purge
         self.map_id = ""
         self._to_purge: list[str] = []
+        self._seq = itertools.count()
+        self.last_apply_answer = time.monotonic()  # an apply's answer shows the controller lives
 
     # ------------------------------------------------------------ the channel
 
@@ -116,8 +137,9 @@ class Transport:
     # ------------------------------------------------------------ submission
 
     def engine_ids(self) -> list[int]:
-        """The engines registered with the client now."""
-        return list(self.client.ids)
+        """The engines registered with the client now, less those the channel saw die."""
+        gone = self.channel.gone if self.channel is not None else ()
+        return [e for e in self.client.ids if e not in gone]
 
     def submit(self, indices: list[int], tasks: list[tuple[int, Any]], target: int,
                speculative: bool = False) -> Chunk:
@@ -137,7 +159,7 @@ class Transport:
                 handle = self.client[target].apply_async(runner.RUN_CHUNK, self.spec, tasks)
         except (IndexError, NoEnginesRegistered):
             raise EngineGone(target) from None
-        chunk = Chunk(indices, target, now, handle, speculative)
+        chunk = Chunk(indices, target, now, handle, speculative, next(self._seq))
         mid = handle.msg_ids[0]
         self.inflight[mid] = chunk
         handle.add_done_callback(lambda _f, mid=mid: self.on_done(mid))
@@ -152,15 +174,32 @@ class Transport:
 
     def complete(self, mid: str) -> tuple[Chunk, Completion] | None:
         """The chunk answered on ``mid`` and its decoded answer (None: not ours any more); forgets it."""
-        chunk = self.inflight.pop(mid, None)
+        chunk = self.inflight.get(mid)
         if chunk is None:
             if mid in self.rescued:  # its tasks were resubmitted when the engine was lost
                 self.rescued.discard(mid)
                 self.forget(mid)
             return None
         done = self._decode(mid, chunk)
+        if not isinstance(chunk.handle, ChannelResult):
+            self.last_apply_answer = time.monotonic()
+        del self.inflight[mid]
         self.forget(mid)
+        if done.crashed:  # the engine's other unanswered chunks died with it: one event, booked at once
+            done.also_lost = [c.indices for c in self._take_engine(chunk.target)]
         return chunk, done
+
+    def _take_engine(self, target: int) -> list[Chunk]:
+        """Every unanswered chunk on ``target`` (a dead engine), taken back; their late answers are dropped."""
+        taken = sorted((c for c in self.inflight.values() if c.target == target and _unanswered(c)),
+                       key=lambda c: c.seq)
+        for chunk in taken:
+            mid = chunk.handle.msg_ids[0]
+            self.inflight.pop(mid)
+            self.rescued.add(mid)
+            if self.channel is not None:
+                self.channel.forget(mid)  # a dead engine's listener never answers
+        return taken
 
     def _decode(self, mid: str, chunk: Chunk) -> Completion:
         eid = self.engine_of(mid, chunk)
@@ -169,7 +208,9 @@ class Transport:
         except Exception as e:
             ename = getattr(e, "ename", type(e).__name__)
             if ename in LOST_NAMES:
-                return Completion(eid, lost=True)
+                # the hub's EngineError: the engine died with the task; the channel says so itself
+                died = ename == "EngineError" or bool(getattr(e, "engine_died", False))
+                return Completion(eid, lost=True, crashed=died)
             # the chunk could not run at all (e.g. the function cannot be unpickled there)
             return Completion(eid, error={"ename": ename, "evalue": str(getattr(e, "evalue", e)),
                                           "traceback": getattr(e, "traceback", "") or ""})
@@ -207,8 +248,8 @@ class Transport:
 
     # ------------------------------------------------------------ for supervision
 
-    def rescue(self, lost: set[int]) -> list[Chunk]:
-        """Take back the unanswered chunks placed on ``lost`` engines (their tasks are to run again).
+    def rescue(self, lost: set[int]) -> dict[int, list[Chunk]]:
+        """Take back the unanswered chunks placed on ``lost`` engines (their tasks are to run again), by engine.
 
         A chunk whose engine was only unregistered, not dead, may still answer: that
         late answer is dropped (:attr:`rescued`).
@@ -216,14 +257,15 @@ class Transport:
         if self.channel is not None:
             for e in lost:
                 self.channel.drop_engine(e)
-        taken = []
-        for mid, chunk in list(self.inflight.items()):
-            if chunk.target in lost and not chunk.handle.ready():
-                self.inflight.pop(mid)
-                self.rescued.add(mid)
-                taken.append(chunk)
-                if self.channel is not None:
-                    self.channel.forget(mid)  # a dead engine's listener never answers
+        return {e: self._take_engine(e) for e in lost}
+
+    def take_applies(self) -> list[Chunk]:
+        """The unanswered chunks sent as applies (the controller is gone: they will never answer)."""
+        taken = [c for c in self.inflight.values() if not isinstance(c.handle, ChannelResult) and not c.handle.ready()]
+        for chunk in taken:
+            mid = chunk.handle.msg_ids[0]
+            self.inflight.pop(mid)
+            self.rescued.add(mid)
         return taken
 
     def abandon(self) -> list[Chunk]:

@@ -1,0 +1,236 @@
+"""Faults beyond a clean engine loss, each with real processes and real signals.
+
+A task that SIGKILLs its engine (crash limit, culprit isolated), a task past its
+memory limit, a walltime that reaches the task's own children, a controller
+SIGKILLed mid-map, an unsendable input with a journal, an engine whose output
+cannot be written (fd 1/2 on /dev/full).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+import ipmtc
+from ipmtc import _proc, cluster
+from ipmtc.errors import ControllerLostError
+from ipmtc.outcomes import CRASHED, MEMORY
+
+from .._wait import wait_for
+
+POISON = 13
+
+
+def poison(x):
+    """Item POISON kills the engine it runs on, as an OOM kill or a segfault in C would."""
+    import os
+    import signal
+    import time
+
+    if x == POISON:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.005)
+    return 2 * x
+
+
+def hog(x):
+    """Item 3 grows past any sane limit (and keeps what it takes); the others are small."""
+    import time
+
+    if x == 3:
+        blocks = []
+        for _ in range(200):  # up to 2 GB, 10 MB at a time, each page touched
+            blocks.append(bytearray(10 << 20))
+            time.sleep(0.01)
+    return x
+
+
+def spawner(args):
+    """Start a long child process (recording its pid), then outlive the walltime."""
+    import subprocess
+    import time
+
+    x, pid_dir = args
+    child = subprocess.Popen(["sleep", "300"])
+    with open(f"{pid_dir}/{x}.pid", "w") as f:
+        f.write(str(child.pid))
+    time.sleep(300)
+    return x
+
+
+def slow_marker(args):
+    import os
+    import time
+
+    x, mark_dir = args
+    time.sleep(0.2)
+    open(os.path.join(mark_dir, f"{x}"), "w").close()
+    return x * x
+
+
+def printer(x):
+    import sys
+
+    print("line of output " * 200, flush=True)
+    sys.stderr.write("err " * 200 + "\n")
+    return x
+
+
+@pytest.fixture(params=["channel", "apply"])
+def path(request, monkeypatch):
+    """The two transports: the driver<->engine channel, and plain ipyparallel applies."""
+    if request.param == "apply":
+        monkeypatch.setenv("IPMTC_DRIVER_IP", "off")
+    return request.param
+
+
+def _client(info):
+    rc = cluster.connect(info.profile)
+    rc.wait_for_engines(info.n_engines, timeout=60)
+    return rc
+
+
+@pytest.mark.parametrize("mapper", [ipmtc.dynamic_map, ipmtc.static_map], ids=["dynamic", "static"])
+def test_a_task_that_kills_its_engine_is_failed_after_the_crash_limit(start_cluster, path, mapper):
+    info = start_cluster(6)
+    rc = _client(info)
+    try:
+        res = mapper(poison, range(60), client=rc, crash_limit=3, retries=1, progress=False)
+        assert [f.index for f in res.failed] == [POISON], [(str(f), res.records[f.index].history) for f in res.failed]
+        f = res.failed[0]
+        assert f.ename == "EngineCrashes" and "engine" in f.evalue and f.host
+        rec = res.records[POISON]
+        assert rec.outcome == CRASHED and rec.crashes == 3
+        # innocent neighbours ran fine and were not charged
+        assert all(res[i] == 2 * i for i in range(60) if i != POISON)
+        charged = [(r.index, r.attempts, r.crashes, r.history) for r in res.records
+                   if r.index != POISON and (r.crashes or r.attempts != 1)]
+        assert not charged
+        assert res.summary()["crashes"] == 3
+        assert len(rc.ids) >= 6 - 3
+    finally:
+        rc.close()
+
+
+def test_a_task_past_max_rss_is_killed_and_the_engine_stays(start_cluster, path):
+    info = start_cluster(2)
+    rc = _client(info)
+    try:
+        before = dict(info.engines)
+        res = ipmtc.dynamic_map(hog, range(8), client=rc, max_rss_mb=200, retries=1, progress=False)
+        assert [f.index for f in res.failed] == [3]
+        assert res.failed[0].ename == "MemoryExceeded" and res.records[3].attempts == 2
+        assert res.records[3].outcome == MEMORY
+        assert [res[i] for i in range(8) if i != 3] == [0, 1, 2, 4, 5, 6, 7]
+        assert sorted(rc.ids) == sorted(int(e) for e in before)  # no engine was lost
+    finally:
+        rc.close()
+
+
+def test_walltime_kills_the_processes_the_task_started(rc, tmp_path):
+    res = ipmtc.dynamic_map(spawner, [(i, str(tmp_path)) for i in range(2)], client=rc, walltime_s=2,
+                            progress=False)
+    assert len(res.failed) == 2 and {f.ename for f in res.failed} == {"WalltimeExceeded"}
+    pids = [int(p.read_text()) for p in tmp_path.glob("*.pid")]
+    assert len(pids) == 2
+    wait_for(lambda: not any(_proc.alive(p) for p in pids), 10, "the tasks' children to be killed")
+
+
+@pytest.mark.parametrize("scope", ["hub", "controller tree"])
+def test_controller_lost_mid_map(start_cluster, path, tmp_path, scope):
+    """SIGKILL of the hub's process alone, or of the controller with its scheduler processes."""
+    info = start_cluster(4)
+    rc = _client(info)
+    box: dict = {}
+
+    def run():
+        try:
+            box["res"] = ipmtc.dynamic_map(slow_marker, [(i, str(tmp_path)) for i in range(200)], client=rc,
+                                           progress=False)
+        except BaseException as e:  # noqa: B036 (handed to the test thread)
+            box["err"] = e
+        box["end"] = time.monotonic()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    wait_for(lambda: len(list(tmp_path.iterdir())) >= 20, 60, "20 tasks to finish")
+    victims = [info.controller_pid] if scope == "hub" else _proc.process_tree(info.controller_pid)
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    t.join(timeout=120)
+    assert not t.is_alive(), "the map hung after the controller was killed"
+    if "res" in box:  # the engines finished the map without the hub (over the channel; or over applies,
+        # whose schedulers are processes of their own that outlived the hub's)
+        assert list(box["res"]) == [i * i for i in range(200)]
+    else:
+        err = box["err"]
+        assert isinstance(err, ControllerLostError), repr(err)
+        assert box["end"] - killed <= 10 + 2, "the map must end within 10 s of the controller's loss"
+        done = err.result  # what reached the driver before the loss (finished tasks whose answers
+        assert len(done) >= 1 and all(done[i] == i * i for i in done._values)  # died with the hub are not)
+    rc.close()
+    st = cluster.status(info.profile)
+    assert not st["running"]
+
+
+def test_an_unsendable_input_with_a_journal_fails_alone(rc, tmp_path):
+    db = tmp_path / "j.db"
+    items = [1, 2, threading.Lock(), 4]
+    res = ipmtc.dynamic_map(abs, items, client=rc, journal=str(db), progress=False)
+    assert [f.index for f in res.failed] == [2]
+    assert "cannot" in res.failed[0].evalue
+    assert [res[i] for i in (0, 1, 3)] == [1, 2, 4]
+    # the journal's lock was released: it opens again, and the good tasks are recorded
+    again = ipmtc.dynamic_map(abs, [1, 2, 4], client=rc, journal=str(db), progress=False)
+    assert again.summary()["from_journal"] == 3
+
+
+def _point_output_at_dev_full():
+    import os
+
+    fd = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return os.getpid()
+
+
+def test_engine_output_on_a_full_device_never_silences_a_chunk(start_cluster, path):
+    info = start_cluster(2)
+    rc = _client(info)
+    try:
+        victim = rc.ids[0]
+        rc[victim].apply_sync(_point_output_at_dev_full)
+        res = ipmtc.dynamic_map(printer, range(40), client=rc, progress=False)
+        # every task answered: ok, or failed with the reason (ENOSPC)
+        assert len(res) == 40
+        for f in res.failed:
+            assert "No space left" in f.evalue or "ENOSPC" in f.evalue or "Errno 28" in f.evalue, str(f)
+        assert victim in rc.ids  # the engine stays in service
+        assert rc[victim].apply_sync(os.getpid) > 0
+    finally:
+        rc.close()
+
+
+def test_flat_bookkeeping_by_object_counts(rc):
+    import gc
+
+    def peak(n: int) -> int:
+        gc.collect()
+        base = len(gc.get_objects())
+        top = 0
+        it = ipmtc.imap(abs, (i for i in range(n)), client=rc, ordered=False, progress=False)
+        for k, _ in enumerate(it):
+            if k % 20_000 == 0:
+                top = max(top, len(gc.get_objects()) - base)
+        gc.collect()
+        return max(top, len(gc.get_objects()) - base)
+
+    peak(1000)  # warm-up: imports, the channel
+    small, large = peak(100_000), peak(200_000)
+    assert large <= small + 5_000, (small, large)
+
