@@ -222,6 +222,8 @@ def demo(engines, tasks):
               help="where <line>.out and <line>.err go (default: TASKS.txt.out/)")
 @click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True,
               help="re-runs of a command that fails (non-zero exit or walltime)")
+@click.option("--max-rss-mb", type=click.FloatRange(min=0, min_open=True),
+              help="kill a command whose processes' resident memory grows past this (MB); retried like a failure")
 @click.option("--walltime-s", type=click.FloatRange(min=0, min_open=True),
               help="kill a command (its whole process group) after this many seconds")
 @click.option("--journal", "journal_path", type=click.Path(dir_okay=False, path_type=str),
@@ -231,7 +233,8 @@ def demo(engines, tasks):
               help="inside a batch job, start no command that would not end this long before the job does")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
 @_fail_cleanly
-def run(tasks_file, profile, outdir, retries, walltime_s, journal_path, retry_failed, drain_margin_s, no_progress):
+def run(tasks_file, profile, outdir, retries, walltime_s, max_rss_mb, journal_path, retry_failed, drain_margin_s,
+        no_progress):
     """Run a file of shell commands (one per line) over the cluster's engines.
 
     Blank lines and # comments are skipped. A non-zero exit status is a failure.
@@ -262,6 +265,7 @@ def run(tasks_file, profile, outdir, retries, walltime_s, journal_path, retry_fa
         n_engines = len(rc.ids)
         try:
             res = _commands.run_commands(tasks, client=rc, outdir=outdir, retries=retries, walltime_s=walltime_s,
+                                         max_rss_mb=max_rss_mb,
                                          journal=jr, retry_failed=retry_failed, progress=not no_progress,
                                          drain_margin_s=drain_margin_s)
         except IpmtcError as e:

@@ -195,7 +195,8 @@ def run_command(task: tuple) -> dict[str, Any]:
 
 def run_commands(commands: Sequence[Any], *, client=None, outdir: str | os.PathLike, retries: int = 0,
                  walltime_s: float | None = None, journal=None, retry_failed: bool = False,
-                 progress: bool = True, cwd: str | os.PathLike | None = None, drain_margin_s: float = 30.0):
+                 progress: bool = True, cwd: str | os.PathLike | None = None, drain_margin_s: float = 30.0,
+                 max_rss_mb: float | None = None):
     """Run shell command lines over the cluster's engines; returns the :class:`~ipmtc.MapResult`.
 
     ``commands``: command strings (numbered 1, 2, ...) or ``(line, command)``
@@ -231,7 +232,8 @@ def run_commands(commands: Sequence[Any], *, client=None, outdir: str | os.PathL
             own = True
     try:
         res = dynamic_map(run_command, items, client=client, retries=retries, progress=progress, journal=jr,
-                          key=command_key, retry_failed=retry_failed, drain_margin_s=drain_margin_s)
+                          key=command_key, retry_failed=retry_failed, drain_margin_s=drain_margin_s,
+                          max_rss_mb=max_rss_mb)
         if jr is not None:
             jr.flush()
     except KeyboardInterrupt:

@@ -27,16 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ReportError
-from .outcomes import FINAL, LOST, OK, RAISED, STRAGGLER, WALLTIME
+from .outcomes import FINAL, LOST, MEMORY, OK, RAISED, STRAGGLER, WALLTIME
 from .stats import TaskStats, efficiency, task_stats
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 # timeline bar kinds: the outcomes, plus "retried" (raised, ran again) and "aborted" (straggler)
 RETRIED, ABORTED_BAR = "retried", "aborted"
-COLORS = {OK: "#4a9a3a", RETRIED: "#f0a030", RAISED: "#d62728", WALLTIME: "#8c4fbd",
+COLORS = {OK: "#4a9a3a", RETRIED: "#f0a030", RAISED: "#d62728", WALLTIME: "#8c4fbd", MEMORY: "#b5651d",
           ABORTED_BAR: "#17a2c0", LOST: "#8a8a8a"}
 LABELS = {OK: "ok", RETRIED: "raised, retried", RAISED: "raised (failed)", WALLTIME: "killed by walltime",
-          ABORTED_BAR: "straggler aborted", LOST: "lost with its engine (inferred)"}
+          MEMORY: "killed past max_rss_mb", ABORTED_BAR: "straggler aborted",
+          LOST: "lost with its engine (inferred)"}
 HTML_PLOT_MAX_ATTEMPTS = 20_000  # notebook display draws the timeline up to this many bars
 
 
@@ -174,7 +175,7 @@ def attempts(run: Run) -> list[Attempt]:
         seq = hist + ([final] if final else [])
         for pos, (eid, host, t0, t1, how) in enumerate(seq):
             last = final is not None and pos == len(seq) - 1
-            kind = {RAISED: RAISED if last else RETRIED, WALLTIME: WALLTIME, OK: OK,
+            kind = {RAISED: RAISED if last else RETRIED, WALLTIME: WALLTIME, MEMORY: MEMORY, OK: OK,
                     STRAGGLER: ABORTED_BAR, LOST: LOST}.get(how)
             if kind == LOST and (t0 is None or t1 is None):
                 lost.append((eid, r["index"], next((s[2] for s in seq[pos + 1:] if s[2] is not None), None)))
@@ -238,7 +239,7 @@ def _summary_metrics(run: Run, atts: list[Attempt], timed: list[Attempt], st: Ta
         len(lost_engines(atts)) if any(r["history"] for r in run.records) else None)
     eff = efficiency(busy, capacity)
     return {"source": run.source, "schedule": run.schedule, "tasks": st.tasks, "ok": st.ok, "failed": st.failed,
-            "undone": st.undone, "retries": st.retries, "resubmits": st.resubmits,
+            "undone": st.undone, "retries": st.retries, "resubmits": st.resubmits, "crashes": st.crashes,
             "engine_losses": losses, "engines": engines, "startup_s": run.startup_s,
             "makespan_s": round(makespan, 6), "busy_s": round(busy, 6),
             "efficiency": round(eff, 6) if eff is not None else None,
@@ -327,6 +328,7 @@ def _summary_rows(m: dict[str, Any]) -> list[dict[str, Any]]:
     rows = [("tasks", f"{m['tasks']} (ok {m['ok']}, failed {m['failed']}, undone {m['undone']})"),
             ("retries", f"{m['retries']} (re-runs after the task raised or hit its walltime)"),
             ("resubmits", f"{m['resubmits']} (re-runs not charged: engine lost, straggler aborted)"),
+            ("crashes", f"{m.get('crashes', 0)} (engines that died under a task running alone on them)"),
             ("engine losses", "not recorded" if m["engine_losses"] is None else m["engine_losses"]),
             ("engines", m["engines"]),
             ("cluster start-up", "unknown" if m["startup_s"] is None else f"{m['startup_s']:.2f} s"),
