@@ -53,6 +53,19 @@ def flaky_sleep(args):
     return t
 
 
+def poisoned_sleep(args):
+    """Sleep; the poisoned input kills the engine it runs on (as an OOM kill or a segfault in C would)."""
+    import os
+    import signal
+    import time
+
+    t, poisoned = args
+    if poisoned:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(t)
+    return t
+
+
 def parser(doc: str) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=doc.strip().splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)

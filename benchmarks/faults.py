@@ -16,6 +16,7 @@ its heartbeat expires (~30 s by default). ``--no-raw`` skips it.
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import threading
@@ -24,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-from _common import flaky_sleep  # noqa: E402
+from _common import flaky_sleep, poisoned_sleep, sleep_task  # noqa: E402
 
 P_FAIL = 0.10
 
@@ -127,8 +128,101 @@ def main(argv=None) -> int:
         "`ipmtc report faults_run.json --plot faults.png`).", "",
         C.md_table(["configuration", "fault-free (s)", "with faults (s)", "ratio", "kill -> done (s)", "retries",
                     "resubmits (free)", "engine losses", "all results correct"], rows)])
-    C.write_outputs(args.out, "faults", md, data)
+    extra_md, extra = poison_and_controller(args.smoke, no_raw)
+    data.update(extra)
+    C.write_outputs(args.out, "faults", md + "\n\n" + extra_md, data)
     return 0
+
+
+def _settled_engines(rc, quiet_s: float = 1.5, limit_s: float = 15.0) -> int:
+    """The engine count once the hub's registry stopped changing (deaths are told with a lag)."""
+    deadline = time.monotonic() + limit_s
+    last, since = len(rc.ids), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < quiet_s:
+        time.sleep(0.1)
+        if len(rc.ids) != last:
+            last, since = len(rc.ids), time.monotonic()
+    return last
+
+
+def _raw_map(rc, fn, items, retries: int, timeout_s: float) -> tuple[float, str]:
+    """(seconds to the end or to ``timeout_s``, how it ended) of a raw lview.map."""
+    lview = rc.load_balanced_view()
+    lview.set_flags(retries=retries)
+    t0 = time.perf_counter()
+    ar = lview.map(fn, items, chunksize=1)
+    try:
+        ar.get(timeout=timeout_s)
+        how = "completed"
+    except Exception as e:
+        how = f"{type(e).__name__}: {str(e)[:60]}"
+        if "Timeout" in type(e).__name__:
+            how = f"still waiting after {timeout_s:g} s (hung)"
+    return time.perf_counter() - t0, how
+
+
+def poison_and_controller(smoke: bool, no_raw: bool) -> tuple[str, dict]:
+    """A task that SIGKILLs its engine, and the controller SIGKILLed mid-map: ipmtc vs raw ipyparallel."""
+    from ipmtc import _proc
+    from ipmtc.errors import ControllerLostError
+    from ipmtc.maps import dynamic_map
+
+    E, n, t = (4, 40, 0.05) if smoke else (8, 200, 0.1)
+    items = [(t, i == n // 3) for i in range(n)]
+    rows, data = [], {}
+    with C.ipmtc_cluster(E) as (info, rc):
+        t0 = time.perf_counter()
+        res = dynamic_map(poisoned_sleep, items, client=rc, crash_limit=3, progress=False)
+        took = time.perf_counter() - t0
+        ok = [r for i, r in enumerate(res) if i != n // 3] == [t] * (n - 1) and len(res.failed) == 1
+        culprit = res.failed[0].ename if res.failed else "-"
+        rows.append(["poisoned task: ipmtc dynamic_map (crash_limit=3)", took, f"{_settled_engines(rc)}/{E}",
+                     f"completed; culprit failed as {culprit}", "yes" if ok else "NO"])
+        data["poison_ipmtc"] = {"seconds": took, "engines_left": _settled_engines(rc), "correct": ok}
+    if not no_raw:
+        with C.raw_cluster(E) as (_, rc):
+            took, how = _raw_map(rc, poisoned_sleep, items, retries=4, timeout_s=120)
+            rows.append(["poisoned task: raw lview.map (retries=4)", took, f"{_settled_engines(rc)}/{E}", how,
+                         "no results (the map raised)" if how != "completed" else "yes"])
+            data["poison_raw"] = {"seconds": took, "engines_left": len(rc.ids), "ended": how}
+    slow = [t * 2] * n
+    for path in ("channel", "apply"):
+        if path == "apply":
+            os.environ["IPMTC_DRIVER_IP"] = "off"
+        try:
+            with C.ipmtc_cluster(E) as (info, rc):
+                timer = killer(_proc.process_tree(info.controller_pid), n * t * 2 / E / 4, at := {})
+                t0 = time.perf_counter()
+                timer.start()
+                try:
+                    res = dynamic_map(sleep_task, slow, client=rc, progress=False)
+                    how, got = "completed", len(res)
+                except ControllerLostError as e:
+                    how, got = "ControllerLostError (results in .result)", len(e.result)
+                end = time.perf_counter()
+                timer.join()
+                rows.append([f"controller SIGKILLed: ipmtc dynamic_map ({path})", end - at.get("t", t0),
+                             f"{len(rc.ids)}/{E}", how, f"{got} results kept"])
+                data[f"controller_ipmtc_{path}"] = {"kill_to_end_s": end - at.get("t", t0), "ended": how,
+                                                    "results": got}
+        finally:
+            os.environ.pop("IPMTC_DRIVER_IP", None)
+    if not no_raw:
+        with C.raw_cluster(E) as (cluster, rc):
+            timer = killer(_proc.process_tree(cluster.controller.pid), n * t * 2 / E / 4, at := {})
+            timer.start()
+            took, how = _raw_map(rc, sleep_task, slow, retries=0, timeout_s=60)
+            end = time.perf_counter()
+            timer.join()
+            kill_to_end = end - at.get("t", end - took)
+            rows.append(["controller SIGKILLed: raw lview.map", kill_to_end, "-", how, "none (nothing returned)"])
+            data["controller_raw"] = {"ended": how}
+    md = "\n".join([
+        f"### A task that kills its engine, and a lost controller ({E} engines, {n} tasks)", "",
+        "Poisoned task: one input SIGKILLs the engine it runs on. Controller: the controller's process tree "
+        "(hub and schedulers) SIGKILLed a quarter into the map; seconds are from the kill to the map's end.", "",
+        C.md_table(["configuration", "seconds", "engines left", "how it ended", "results"], rows)])
+    return md, data
 
 
 if __name__ == "__main__":
