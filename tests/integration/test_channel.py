@@ -15,7 +15,10 @@ import pytest
 
 import ipmtc
 from ipmtc.maps import channel as chmod
+from ipmtc.maps import wire
 from ipmtc.maps.channel import Channel
+
+from .._wait import Background, wait_for
 
 
 def sleepy(x):
@@ -53,9 +56,7 @@ def test_maps_go_over_the_channel_and_engines_stay_plain_engines(rc):
     ch = Channel.for_client(rc)
     assert wait_connected(ch, rc.ids) == set(rc.ids) and not ch.results
     # the engines answer applies and %px as before, at once (no loop holds them)
-    t0 = time.monotonic()
-    assert all(ch.address in found for found in rc[:].apply_sync(listeners))
-    assert time.monotonic() - t0 < 5
+    assert all(ch.address in found for found in rc[:].apply_async(listeners).get(timeout=30))
     rc[:].execute("z = 7", block=True)
     assert rc[:]["z"] == [7] * len(rc.ids)
     # a second map reuses the listeners: no new apply goes through ipyparallel for its chunks
@@ -76,27 +77,62 @@ def test_engines_that_cannot_dial_back_get_applies(rc):
     assert {r.engine_id for r in res.records} == set(rc.ids)
 
 
-def test_a_listener_that_goes_away_loses_nothing(rc, shared_cluster):
-    """Listeners closed mid-map (as after a long driver stall): its chunks run again, uncharged."""
+def close_listeners_when(gate, inside):
+    """An apply that holds its engine until ``gate`` exists (a file in ``inside`` says it started),
+    then closes the engine's listeners: what the driver placed on them meanwhile is never run there."""
+    import os
+    import time
+
+    from ipmtc.maps import channel
+
+    open(os.path.join(inside, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + 120  # the test opens the gate long before, or has failed
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for listener in list(channel._LISTENERS.values()):
+        listener.close(bye=True)
+    return len(channel._LISTENERS)
+
+
+def test_a_listener_that_goes_away_loses_nothing(rc, shared_cluster, tmp_path):
+    """Listeners closed mid-map (as after a long driver stall): the chunks placed on them run again, uncharged.
+
+    Mid-map by construction: each engine is held in an apply (from another client) that closes its
+    listener once the test opens a gate, and the gate opens once the map has a chunk on every listener.
+    """
     other = ipp.Client(profile=shared_cluster.profile)
-
-    def close_midway():
-        time.sleep(0.6)
-        other[:].apply_async(close_listeners)
-
+    gate, inside = tmp_path / "gate", tmp_path / "inside"
+    inside.mkdir()
     ipmtc.dynamic_map(sleepy, [0.0] * 8, client=rc, progress=False)  # listeners up
-    assert wait_connected(Channel.for_client(rc), rc.ids) == set(rc.ids)
-    t = threading.Thread(target=close_midway)
-    t.start()
+    ch = Channel.for_client(rc)
+    assert wait_connected(ch, rc.ids) == set(rc.ids)
+
+    def placed() -> set:  # engines with a chunk sent to their listener and not answered
+        return {r.engine_id for r in list(ch.results.values()) if not r.ready()}
+
+    def open_when_placed():
+        try:
+            wait_for(lambda: placed() == set(rc.ids), 60, lambda: f"a chunk on every listener (have {placed()})")
+        finally:
+            gate.touch()  # (also when that failed: the map must not hang)
+
+    held = other[:].apply_async(close_listeners_when, str(gate), str(inside))
+    opener = Background(open_when_placed)
     try:
+        wait_for(lambda: len(os.listdir(inside)) == len(rc.ids), 60, "every engine held by the closing apply")
+        opener.start()
         res = ipmtc.dynamic_map(sleepy, [0.05] * 120, client=rc, progress=False)
     finally:
-        t.join()
+        gate.touch()
+        if opener.ident is not None:  # started
+            opener.check()
+        held.get(timeout=60)
         other.close()
     assert res.ok and list(res) == [0.05] * 120
     assert res.summary()["retries"] == 0 and all(r.attempts == 1 for r in res.records)
-    ch = Channel.for_client(rc)
-    assert ch.connected == set()  # every listener said bye
+    # every bye handled: the listener neither connected nor asked (so the next map asks it again)
+    wait_for(lambda: not ch.connected and not ch.asked, 30,
+             lambda: f"every listener's bye (still connected: {ch.connected}, asked: {ch.asked})")
     assert any(r.resubmits for r in res.records)  # what was waiting on them ran again
     # the next map asks them to listen again
     res = ipmtc.dynamic_map(sleepy, [0.0] * 40, client=rc, progress=False)
@@ -121,10 +157,8 @@ def test_listeners_close_when_their_driver_exits(rc, shared_cluster):
                          env=os.environ.copy())
     assert out.returncode == 0, out.stderr
     address = out.stdout.strip().splitlines()[-1]
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(address in found for found in rc[:].apply_sync(listeners)):
-        time.sleep(0.2)
-    assert not any(address in found for found in rc[:].apply_sync(listeners))
+    wait_for(lambda: not any(address in found for found in rc[:].apply_sync(listeners)), 10,
+             f"the listeners of {address} to close")
 
 
 def test_messages_not_signed_with_the_key_are_dropped():
@@ -152,16 +186,31 @@ def chatty(x):
     return x
 
 
+BARRIER = "ipmtc-test: output barrier"
+
+
+def say_barrier():
+    print("ipmtc-test: output barrier", flush=True)
+
+
 @pytest.mark.parametrize("path", ["channel", "applies"])
 def test_what_tasks_print_does_not_pile_up_in_the_client(rc, path, monkeypatch):
     if path == "applies":  # there the output comes on IOPub, maybe after the chunk's result
         monkeypatch.setenv("IPMTC_DRIVER_IP", "off")
     res = ipmtc.dynamic_map(chatty, range(300), client=rc, progress=False)
     assert res.ok and list(res) == list(range(300))
-    time.sleep(0.5)  # output, if any were sent, would arrive on the IOPub stream by now
-    kept = sum(len(md.get("stdout") or "") + len(md.get("stderr") or "") for md in rc.metadata.values()
-               if isinstance(md, dict))  # (ipyparallel also files a 'submitted' time there)
-    assert kept < 1000 and len(rc.metadata) < 20
+    # a barrier: each engine's IOPub messages come in order, so once its BARRIER line is here, whatever
+    # the tasks' printing sent before it is here too
+    barrier = rc[:].apply_async(say_barrier)
+    barrier.get(timeout=60)
+    wait_for(lambda: all(BARRIER in out for out in barrier.stdout), 30, "every engine's barrier line on IOPub")
+    # (ipyparallel drops a message's client.metadata once its reply and output are in; the AsyncResult
+    # keeps its own: the barrier's output is read there, less its line, in case the tasks' was filed there)
+    mine = set(barrier.msg_ids)
+    others = [md for mid, md in list(rc.metadata.items()) if mid not in mine and isinstance(md, dict)]
+    kept = sum(len(md.get("stdout") or "") + len(md.get("stderr") or "") for md in others + barrier._metadata)
+    kept -= len(BARRIER + "\n") * len(mine)
+    assert kept < 1000 and len(others) < 20
 
 
 def test_a_function_the_engines_cannot_import_fails_its_tasks(rc, tmp_path, monkeypatch):
@@ -179,25 +228,36 @@ def test_a_function_the_engines_cannot_import_fails_its_tasks(rc, tmp_path, monk
 
 
 def set_orphan_s(value):
-    from ipmtc.maps import channel
+    from ipmtc.maps import wire
 
-    channel.ORPHAN_AFTER_S = value
+    wire.ORPHAN_AFTER_S = value
 
 
-def test_a_long_chunk_is_not_the_drivers_silence(rc):
-    """A listener counts silence from the end of its last chunk: long tasks keep the channel."""
+def test_a_long_chunk_is_not_the_drivers_silence(rc, monkeypatch):
+    """A listener counts silence from the end of its last chunk: long tasks keep the channel.
+
+    The driver pings every 0.2 s here, so an idle listener never goes 2 s without hearing it; a bye
+    (said after a chunk longer than that) shows as a chunk that had to run again or went as an apply,
+    in this map or in the next one, which needs every listener again.
+    """
+    # read by the channel's thread (made in this client's first map): where it is defined and where used
+    monkeypatch.setattr(wire, "PING_EVERY_S", 0.2)
+    monkeypatch.setattr(chmod, "PING_EVERY_S", 0.2)
     ipmtc.dynamic_map(sleepy, [0.0] * 8, client=rc, progress=False)
     ch = Channel.for_client(rc)
     assert wait_connected(ch, rc.ids) == set(rc.ids)
-    rc[:].apply_sync(set_orphan_s, 1.5)  # tasks longer than the orphan time, pings every 2 s
+    rc[:].apply_sync(set_orphan_s, 2.0)  # tasks longer than the orphan time
     try:
+        h0 = len(rc.history)
         res = ipmtc.dynamic_map(sleepy, [2.5] * (3 * len(rc.ids)), client=rc, chunksize=1, progress=False)
-        time.sleep(0.3)  # a bye said at the end would be in by now
+        after = ipmtc.dynamic_map(sleepy, [0.0] * (2 * len(rc.ids)), client=rc, progress=False)
+        applies = len(rc.history) - h0  # a listener gone: its chunks (or its new attach) go as applies
         connected = set(ch.connected)
     finally:
         rc[:].apply_sync(set_orphan_s, chmod.ORPHAN_AFTER_S)
     assert res.ok and all(r.resubmits == 0 for r in res.records)
-    assert connected == set(rc.ids)
+    assert after.ok and all(r.resubmits == 0 for r in after.records)
+    assert applies == 0 and connected == set(rc.ids)
 
 
 def lock_for_3(x):

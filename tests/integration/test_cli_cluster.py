@@ -1,7 +1,6 @@
 """The real `ipmtc` command around a real cluster: start/status/list/stop and --foreground."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

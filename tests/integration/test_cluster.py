@@ -9,12 +9,14 @@ import socket
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 import ipmtc
 from ipmtc import _proc, cluster
 from ipmtc.errors import ClusterRunningError, NoClusterError, StartupError
 
+from .._wait import wait_for
 from ..conftest import processes_with_env, wait_all_dead
 
 
@@ -77,10 +79,8 @@ def test_local_engines_are_forked_from_one_process_and_independent(start_cluster
         victim = facts[0]["pid"]
         nanny = [p for p in _proc.process_tree(victim) if p != victim]
         os.kill(victim, signal.SIGKILL)  # the engine alone: its nanny must notice, report it and exit
-        deadline = time.monotonic() + 30
-        while (len(rc.ids) > 3 or any(_proc.alive(p) for p in nanny)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(rc.ids) == 3 and not any(_proc.alive(p) for p in nanny)
+        wait_for(lambda: len(rc.ids) == 3 and not any(_proc.alive(p) for p in nanny), 30,
+                 lambda: f"the engine unregistered and its nanny gone (engines {rc.ids}, nanny {nanny})")
         assert _proc.alive(facts[0]["parent"])  # the forking parent waits on for the others
         assert sorted(rc[:].apply_sync(os.getpid)) == sorted(f["pid"] for f in facts[1:])
     finally:
@@ -119,20 +119,29 @@ def test_sigkill_of_mpi_engines_leaves_the_others_working(start_cluster):
     try:
         by_rank = {r: e for e, r in zip(rc.ids, rc[:].apply_sync(_pmi_rank))}
         assert sorted(by_rank) == [0, 1, 2, 3]
+        engines = {eid: info.engines[str(eid)]["pid"] for eid in rc.ids}
+        # hydra's child for each rank: the small parent of ipmtc.engine that forked the engine
+        rank_procs = {eid: psutil.Process(pid).ppid() for eid, pid in engines.items()}
         for n, rank in enumerate((0, 2), start=1):  # rank 0 also holds mpiexec's stdin
             victim_id = by_rank[rank]
-            victim = info.engines[str(victim_id)]["pid"]
+            victim = engines[victim_id]
             for p in _proc.process_tree(victim):  # the engine and its nanny
                 os.kill(p, signal.SIGKILL)
-            deadline = time.monotonic() + 30
-            while victim_id in rc.ids and time.monotonic() < deadline:
-                time.sleep(0.2)
-            time.sleep(1)  # a spread kill would unregister the others within 0.2 s
-            assert victim_id not in rc.ids and len(rc.ids) == 4 - n, rc.ids
+            # the rank's process has ended (hydra reaps the first one, and would spread the kill from there;
+            # a later one it leaves a zombie), and the hub has unregistered the engine
+            wait_for(lambda pid=rank_procs[victim_id]: not _proc.alive(pid), 30, f"rank {rank}'s process to end")
+            wait_for(lambda eid=victim_id: eid not in rc.ids, 30, f"engine {victim_id} (rank {rank}) to unregister")
+            survivors = [e for e in engines if e in rc.ids]
+            assert len(survivors) == 4 - n, rc.ids
+            assert all(_proc.alive(engines[e]) and _proc.alive(rank_procs[e]) for e in survivors), \
+                "the kill spread to other ranks"
         mpiexec_pid = info.launcher_pids[1]
         assert _proc.alive(mpiexec_pid), "mpiexec took the other ranks down"
         assert sorted(rc.load_balanced_view().map_sync(_square, range(30))) == sorted(x * x for x in range(30))
-        assert len(set(rc[:].apply_sync(os.getpid))) == 2
+        assert sorted(rc[:].apply_sync(os.getpid)) == sorted(engines[e] for e in survivors)
+        assert sorted(rc.ids) == sorted(survivors)
+        assert all(_proc.alive(engines[e]) and _proc.alive(rank_procs[e]) for e in survivors), \
+            "a surviving rank died after the kills"
     finally:
         rc.close()
 
@@ -145,7 +154,38 @@ def _engine_settings():
             "max_heartbeat_misses": e.max_heartbeat_misses}
 
 
-def test_generated_settings_are_in_effect(start_cluster):
+def _wait_for_file(path: str) -> str:
+    """A task that ends once ``path`` exists (the test holds tasks assigned while it looks at the queues)."""
+    import os
+    import time
+
+    deadline = time.monotonic() + 120  # the test creates it long before, or has failed
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return path
+
+
+def _held_tasks_state(rc, n_tasks: int, gate: Path, condition, what: str) -> dict:
+    """Submit ``n_tasks`` tasks that wait for ``gate`` and wait until the hub's queue status meets
+    ``condition(unassigned, assigned)``; then open the gate and collect them. Returns that status."""
+    ar = rc.load_balanced_view().map_async(_wait_for_file, [str(gate)] * n_tasks)
+    seen: dict = {}
+
+    def met() -> bool:
+        q = rc.queue_status()
+        seen.clear()
+        seen.update(unassigned=q["unassigned"], assigned=sum(q[e]["queue"] + q[e]["tasks"] for e in rc.ids))
+        return condition(seen["unassigned"], seen["assigned"])
+
+    try:
+        wait_for(met, 30, lambda: f"{what} (the hub says {seen})")
+    finally:
+        gate.touch()
+        ar.get(timeout=60)
+    return seen
+
+
+def test_generated_settings_are_in_effect(start_cluster, tmp_path):
     info = start_cluster(2, heartbeat_period_ms=700, engine_timeout_s=42, engine_heartbeat_misses=7,
                          hwm=0, scheme="lru", task_db="none")
     rc = ipmtc.connect(info.profile)
@@ -154,26 +194,22 @@ def test_generated_settings_are_in_effect(start_cluster):
             assert s == {"hb_period_ms": 700, "timeout": 42.0, "max_heartbeat_misses": 7}
         log = "".join(p.read_text() for p in (Path(info.profile_dir) / "log").glob("ipcontroller*.log"))
         assert "Task scheduler started [lru]" in log
-        # hwm=0: the scheduler hands every task out at once, none waits unassigned
-        ar = rc.load_balanced_view().map_async(time.sleep, [0.5] * 8)
-        time.sleep(0.3)
-        q = rc.queue_status()
-        assert q["unassigned"] == 0 and sum(q[e]["queue"] + q[e]["tasks"] for e in rc.ids) >= 7
-        ar.get()
+        # hwm=0: the scheduler hands every task out at once, none waits unassigned (the tasks wait
+        # for a file meanwhile, so none finishes while the queues are looked at)
+        _held_tasks_state(rc, 8, tmp_path / "gate", lambda unassigned, assigned: unassigned == 0 and assigned == 8,
+                          "all 8 tasks assigned at once")
         with pytest.raises(Exception, match="NoDB"):  # task_db none: the hub keeps no records
             rc.db_query({"msg_id": {"$ne": ""}}, keys=["msg_id"])
     finally:
         rc.close()
 
 
-def test_hwm_1_keeps_tasks_unassigned(start_cluster):
-    info = start_cluster(2)  # dynamic preset: hwm=1
+def test_hwm_1_keeps_tasks_unassigned(start_cluster, tmp_path):
+    info = start_cluster(2)  # dynamic preset: hwm=1: one task per engine, the rest wait in the scheduler
     rc = ipmtc.connect(info.profile)
     try:
-        ar = rc.load_balanced_view().map_async(time.sleep, [0.5] * 8)
-        time.sleep(0.3)
-        assert rc.queue_status()["unassigned"] >= 5
-        ar.get()
+        _held_tasks_state(rc, 8, tmp_path / "gate", lambda unassigned, assigned: (unassigned, assigned) == (6, 2),
+                          "one task on each of the 2 engines, 6 unassigned")
     finally:
         rc.close()
 
@@ -190,7 +226,7 @@ def test_profile_permissions(start_cluster):
 
 
 def test_start_while_running_refuses(start_cluster):
-    info = start_cluster(2, profile="busy")
+    start_cluster(2, profile="busy")
     with pytest.raises(ClusterRunningError, match="already running"):
         cluster.start(engines=2, profile="busy", flags={"launcher": "local"})
     assert cluster.status("busy")["engines"] == 2  # the running one is untouched

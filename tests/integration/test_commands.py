@@ -4,11 +4,19 @@ One 4-engine local cluster for the module (``shared_cluster``: private
 IPYTHONDIR, stopped and checked for leftovers at the end). ``ipmtc run`` runs
 as a real CLI subprocess; the first three runs are interrupted midway (SIGINT,
 SIGTERM, SIGKILL), the fourth finishes and must skip what was done.
+
+Nothing here depends on how fast the commands run (500 of them take about
+2 s, less than a few journal commits): an interrupted run is given the task
+file up to some line, its last 60 commands behind a gate (they wait for a file
+the test creates once that run has exited), and it is interrupted once the
+journal *records* enough new commands. It cannot end before that, it is
+stopped with the engines in gated commands, and those are never recorded.
+The fourth run gets the whole file.
 """
 from __future__ import annotations
 
-import hashlib
 import gzip
+import hashlib
 import os
 import re
 import shutil
@@ -16,7 +24,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,10 +32,12 @@ from ipmtc.commands import open_journal, run_commands
 from ipmtc.errors import JournalError
 from ipmtc.journal import Journal
 
+from .._wait import wait_for, wait_until_gone
 from ..conftest import processes_with_env
 
 N_LINES = 500
 WALLTIME_S = 2
+GATED = 60  # commands behind a gate in each interrupted run (the engines all end up waiting there)
 
 
 def _ipmtc(*args: str) -> list[str]:
@@ -39,8 +48,10 @@ def _env(cluster) -> dict[str, str]:
     return {**os.environ, "IPYTHONDIR": str(Path(cluster.profile_dir).parent)}
 
 
-def _task_file(d: Path) -> tuple[Path, dict[int, str], set[int], int]:
-    """500 commands (with comments and blank lines between): line number -> what its stdout must be."""
+def _task_lines(d: Path) -> tuple[list[str], list[int], dict[int, str], set[int], int]:
+    """500 commands (with comments and blank lines between): the task file's lines, where each command's
+    line is (``ends[i]``: how many lines up to command ``i``), line number -> what its stdout must be,
+    the failing lines and the line that hangs."""
     data = d / "data"
     data.mkdir()
     blobs = []
@@ -49,6 +60,7 @@ def _task_file(d: Path) -> tuple[Path, dict[int, str], set[int], int]:
         f.write_bytes(f"sample {k}\n".encode() * (100 * (k + 1)))
         blobs.append(f)
     lines = ["# ipmtc run test: real programs", ""]
+    ends: list[int] = []
     expect: dict[int, str] = {}
     failing: set[int] = set()
     fail_cmds = ["false", "sh -c 'exit 1'", f"{sys.executable} -c 'import sys; sys.exit(1)'",
@@ -78,15 +90,43 @@ def _task_file(d: Path) -> tuple[Path, dict[int, str], set[int], int]:
             lines.append(f"   # comment before command {i}")
         lines.append(cmd)
         n = len(lines)
+        ends.append(n)
         if cmd == "sleep 600":
             hang = n
         elif i % 100 == 37:
             failing.add(n)
         else:
             expect[n] = out
-    path = d / "tasks.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path, expect, failing, hang
+    return lines, ends, expect, failing, hang
+
+
+def _gated(cmd: str, gate: Path) -> str:
+    """``cmd`` run only once ``gate`` exists: it cannot finish, nor be recorded, before the test opens the gate."""
+    return f"while [ ! -e '{gate}' ]; do sleep 0.02; done; {cmd}"
+
+
+def _write_stage(path: Path, lines: list[str], ends: list[int], plain: int, gated: int, gate: Path) -> None:
+    """The task file with its first ``plain`` commands as they are and the next ``gated`` ones behind ``gate``.
+
+    The gated commands keep their line numbers but not their text (their keys differ from the real
+    lines'): once every engine waits in one of them, the run holds still until it is interrupted.
+    """
+    body = lines[:ends[plain - 1]]
+    for i in range(plain, plain + gated):
+        body += lines[ends[i - 1]:ends[i] - 1] + [_gated(lines[ends[i] - 1], gate)]
+    path.write_text("\n".join(body) + "\n")
+
+
+def _gate_processes(cluster, gate: Path) -> list[int]:
+    """Engine-side processes of gated commands (waiting, or not yet seen the gate open)."""
+    out = []
+    for pid in processes_with_env(f"IPYTHONDIR={Path(cluster.profile_dir).parent}"):
+        try:
+            if str(gate).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+        except OSError:
+            continue
+    return out
 
 
 def _table(stdout: str) -> dict[str, int]:
@@ -113,22 +153,25 @@ def _default_sigint() -> None:
 
 
 def _interrupt_midway(argv, env, cwd, db: Path, sig: int, at_least: int) -> subprocess.CompletedProcess:
-    """Start ``ipmtc run``, send ``sig`` once the journal holds ``at_least`` more records.
+    """Start ``ipmtc run``, send ``sig`` once the journal records ``at_least`` more done (ok) commands.
 
-    Thresholds are small: commits come every 0.5 s, so on a quiet machine many more commands
-    have finished by the time they show; three interrupts must still leave work for the last run.
+    The task file must hold gated commands (:func:`_write_stage`): the run is still running when the signal
+    comes, whatever the speed of the commands. Every record seen before the signal was committed, so the
+    journal holds at least ``at_least`` more ok records afterwards.
     """
-    before = sum(_journal_counts(db).values())
+    before = _journal_counts(db).get("ok", 0)
     # Ctrl-C as at a terminal: a test runner started in the background of a non-interactive shell
     # hands its children SIGINT ignored, and Python keeps it ignored (as ipmtc run then rightly does)
     p = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          preexec_fn=_default_sigint)
     try:
-        deadline = time.monotonic() + 90
-        while p.poll() is None and time.monotonic() < deadline:
-            if sum(_journal_counts(db).values()) >= before + at_least:
-                break
-            time.sleep(0.05)
+        seen: dict[str, int] = {}
+
+        def recorded_or_ended() -> bool:
+            seen.update(_journal_counts(db))
+            return p.poll() is not None or seen.get("ok", 0) >= before + at_least
+
+        wait_for(recorded_or_ended, 120, lambda: f"{at_least} more ok records than {before} (journal: {seen})")
         assert p.poll() is None, f"ipmtc run ended before the interrupt:\n{p.stdout.read()}\n{p.stderr.read()}"
         p.send_signal(sig)
         out, err = p.communicate(timeout=60)
@@ -153,28 +196,43 @@ def _no_command_left(cluster) -> None:
 
 
 def test_run_500_commands_interrupted_three_times_then_resumed(shared_cluster, tmp_path):
-    path, expect, failing, hang = _task_file(tmp_path)
+    lines, ends, expect, failing, hang = _task_lines(tmp_path)
+    path = tmp_path / "tasks.txt"
     db, outdir = Path(f"{path}.journal.db"), Path(f"{path}.out")
     env = _env(shared_cluster)
-    argv = _ipmtc("run", path.name, "--profile", shared_cluster.profile, "--retries", "1",
-                  "--walltime-s", str(WALLTIME_S), "--no-progress")
+    argv = _ipmtc("run", path.name, "--profile", shared_cluster.profile, "--retries", "1", "--no-progress")
 
-    first = _interrupt_midway(argv, env, tmp_path, db, signal.SIGINT, at_least=40)
+    def interrupted(stage: int, plain: int, sig: int, at_least: int) -> subprocess.CompletedProcess:
+        """Run the first ``plain`` commands and GATED more, interrupted once ``at_least`` more are recorded."""
+        gate = tmp_path / f"gate-{stage}"
+        _write_stage(path, lines, ends, plain, GATED, gate)
+        res = _interrupt_midway(argv, env, tmp_path, db, sig, at_least)
+        gate.touch()  # the run has exited: what it left running on the engines ends now, unrecorded
+        wait_until_gone(lambda: _gate_processes(shared_cluster, gate), 60, f"the gated commands of run {stage}")
+        return res
+
+    def ok_lines(plain: int) -> int:
+        return sum(1 for n in expect if n <= ends[plain - 1])
+
+    first = interrupted(1, 100, signal.SIGINT, at_least=40)
     assert first.returncode == 130, (first.stdout, first.stderr)
     assert "ipmtc run: interrupted;" in first.stderr and "run the same command again" in first.stderr
     after_first = _journal_counts(db)
-    assert 40 <= after_first.get("ok", 0) < N_LINES - len(failing) - 1
+    assert 40 <= after_first.get("ok", 0) <= ok_lines(100), after_first
 
-    term = _interrupt_midway(argv, env, tmp_path, db, signal.SIGTERM, at_least=30)  # scancel, batch warning
+    term = interrupted(2, 220, signal.SIGTERM, at_least=30)  # scancel, batch warning
     assert term.returncode == 143 and "ipmtc run: terminated (SIGTERM);" in term.stderr, (term.stdout, term.stderr)
     after_term = _journal_counts(db)
-    assert after_term.get("ok", 0) >= after_first["ok"] + 30
+    assert after_first["ok"] + 30 <= after_term.get("ok", 0) <= ok_lines(220), after_term
 
-    second = _interrupt_midway(argv, env, tmp_path, db, signal.SIGKILL, at_least=30)
+    second = interrupted(3, 340, signal.SIGKILL, at_least=30)
     assert second.returncode == -signal.SIGKILL
     after_second = _journal_counts(db)
-    assert after_second.get("ok", 0) >= after_term["ok"] + 30
+    assert after_term["ok"] + 30 <= after_second.get("ok", 0) <= ok_lines(340), after_second
+    assert sum(after_second.values()) <= 340  # no gated command was recorded
 
+    path.write_text("\n".join(lines) + "\n")  # the whole file, and a walltime for the line that hangs
+    argv += ["--walltime-s", str(WALLTIME_S)]  # (none before: it would end the gated commands)
     third = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert third.returncode == 1, (third.stdout, third.stderr)  # some commands failed
     table = _table(third.stdout)

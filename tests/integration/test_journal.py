@@ -23,6 +23,8 @@ from ipmtc.errors import JournalError
 from ipmtc.journal import Journal, function_id, key_for
 from ipmtc.maps import dynamic_map, static_map
 
+from .._wait import wait_for
+
 N = 2000
 
 DRIVER = textwrap.dedent("""
@@ -30,15 +32,19 @@ DRIVER = textwrap.dedent("""
     import ipmtc
     from ipmtc.maps import dynamic_map
 
-    def work(i, _marks={marks!r}):
+    profile, db, out, run, limit, gate = sys.argv[1:7]
+
+    def work(i, _marks={marks!r}, _run=int(run), _limit=int(limit), _gate=gate):
         import os, time
+        deadline = time.monotonic() + 300
+        while i >= _limit and not os.path.exists(_gate) and time.monotonic() < deadline:
+            time.sleep(0.01)  # held: this driver cannot finish before the test has killed it
         fd = os.open(f"{{_marks}}/{{i}}", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        os.write(fd, b"x")  # one byte per execution of task i
+        os.write(fd, bytes([_run]))  # one byte per execution of task i: the driver it ran for
         os.close(fd)
         time.sleep(0.004)
         return i * i
 
-    profile, db, out = sys.argv[1:4]
     rc = ipmtc.connect(profile)
     # small chunks: a killed driver leaves little queued on the engines, so three kills fit in one map
     res = dynamic_map(work, range({n}), client=rc, journal=db, progress=False, chunksize=10)
@@ -52,21 +58,9 @@ def _env(cluster) -> dict[str, str]:
     return {**os.environ, "IPYTHONDIR": str(Path(cluster.profile_dir).parent)}
 
 
-def _executions(marks: Path) -> dict[int, int]:
-    return {int(p.name): p.stat().st_size for p in marks.iterdir()}
-
-
-def _wait_idle(rc, timeout_s: float = 30.0) -> None:
-    """Until the engines have run everything a dead driver left queued."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        qs = rc.queue_status()
-        busy = qs.get("unassigned", 0) + sum(q.get("queue", 0) + q.get("tasks", 0)
-                                             for k, q in qs.items() if isinstance(k, int))
-        if not busy:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"engines still busy after {timeout_s} s: {rc.queue_status()}")
+def _executions(marks: Path) -> dict[int, bytes]:
+    """Task -> the driver (run number) of each of its executions."""
+    return {int(p.name): p.read_bytes() for p in marks.iterdir()}
 
 
 def _recorded(db: Path) -> dict[int, dict]:
@@ -87,6 +81,12 @@ def _recorded(db: Path) -> dict[int, dict]:
 
 
 def test_driver_sigkilled_three_times_then_finishes(shared_cluster, rc, tmp_path):
+    """Three drivers SIGKILLed at random points, a fourth finishes: no recorded task runs again.
+
+    Each killed driver's tasks past a limit wait at a gate the test opens only after the kill (so it
+    cannot finish first); what a dead driver left on the engines then runs on, unrecorded, and its
+    executions are told apart from the later drivers' by the run number each execution writes.
+    """
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     marks = tmp_path / "marks"
@@ -95,14 +95,15 @@ def test_driver_sigkilled_three_times_then_finishes(shared_cluster, rc, tmp_path
     driver.write_text(DRIVER.format(marks=str(marks), n=N))
     db, out = tmp_path / "run.db", tmp_path / "out.json"
     argv = [sys.executable, str(driver), shared_cluster.profile, str(db), str(out)]
-    snapshots = []  # (tasks recorded at the kill, executions per task then)
+    snapshots = []  # tasks recorded at each kill
     for kill in range(3):
+        gate, limit = tmp_path / f"gate-{kill}", (kill + 1) * (N // 4)
         threshold = len(os.listdir(marks)) + rng.randint(150, 300)  # the kill comes after this many new tasks
-        p = subprocess.Popen(argv, env=_env(shared_cluster), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        p = subprocess.Popen([*argv, str(kill), str(limit), str(gate)], env=_env(shared_cluster),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            deadline = time.monotonic() + 60
-            while len(os.listdir(marks)) < threshold and p.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.005)
+            wait_for(lambda t=threshold, p=p: len(os.listdir(marks)) >= t or p.poll() is not None, 60,
+                     f"{threshold} tasks run (seed {seed})", interval_s=0.005)
             time.sleep(rng.uniform(0.0, 0.15))  # and lands anywhere: in a batch write, between two, ...
             assert p.poll() is None, f"driver ended before kill {kill + 1} (seed {seed}): {p.stderr.read()!r}"
             os.kill(p.pid, signal.SIGKILL)
@@ -110,23 +111,24 @@ def test_driver_sigkilled_three_times_then_finishes(shared_cluster, rc, tmp_path
             p.kill()
             p.wait()
             p.stderr.close()
+            gate.touch()  # what the dead driver left waiting on the engines runs now, unrecorded
         assert not out.exists()
-        _wait_idle(rc)  # what the dead driver had queued has run (unrecorded) by now
-        snapshots.append((_recorded(db), _executions(marks)))
-    recorded_counts = [len(s[0]) for s in snapshots]
+        snapshots.append(_recorded(db))
+    recorded_counts = [len(s) for s in snapshots]
     # a kill in a driver's first half second finds nothing new recorded: a random point too
     assert recorded_counts == sorted(recorded_counts) and recorded_counts[-1] > 0, (recorded_counts, seed)
 
-    subprocess.run(argv, env=_env(shared_cluster), check=True, timeout=120)
+    subprocess.run([*argv, "3", str(N), str(tmp_path / "no-gate")], env=_env(shared_cluster), check=True,
+                   timeout=120)
     result = json.loads(out.read_text())
     assert result["values"] == [i * i for i in range(N)] and result["failed"] == 0
-    assert result["hits"] == len(snapshots[-1][0])  # everything recorded came from the journal
+    assert result["hits"] == len(snapshots[-1])  # everything recorded came from the journal
     final = _recorded(db)
     assert sorted(final) == list(range(N))  # every task exactly once
     execs = _executions(marks)
-    assert sorted(execs) == list(range(N)) and all(n >= 1 for n in execs.values())
-    for k, (recorded, then) in enumerate(snapshots):
-        rerun = [i for i in recorded if execs[i] != then[i]]
+    assert sorted(execs) == list(range(N)) and all(len(runs) >= 1 for runs in execs.values())
+    for k, recorded in enumerate(snapshots):
+        rerun = [i for i in recorded if max(execs[i]) > k]  # run by a driver started after kill k
         assert rerun == [], f"tasks recorded before kill {k + 1} ran again: {rerun[:10]} (seed {seed})"
         for i, row in recorded.items():  # and their rows were not rewritten by a later driver
             assert final[i]["run"] == row["run"] and final[i]["recorded"] == row["recorded"]

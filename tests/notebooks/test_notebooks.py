@@ -33,7 +33,8 @@ EXPECTED = {
 }
 
 # appended to the executed copy only: which interpreter ran the kernel
-PROBE = "import json, sys\nprint('IPMTC-PROBE ' + json.dumps({'prefix': sys.prefix, 'ipmtc': __import__('ipmtc').__file__}))"
+PROBE = ("import json, sys\n"
+         "print('IPMTC-PROBE ' + json.dumps({'prefix': sys.prefix, 'ipmtc': __import__('ipmtc').__file__}))")
 
 
 def _text(output) -> str:

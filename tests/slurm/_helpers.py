@@ -7,6 +7,9 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+from ipmtc.errors import JournalError
+from ipmtc.journal import Journal
+
 REPO = Path(__file__).resolve().parents[2]
 BATCH = REPO / "batch"
 
@@ -42,3 +45,17 @@ def ready_epoch(output: str) -> float:
     m = re.search(r"cluster ready \(epoch ([\d.]+)\)", output)
     assert m, f"no 'cluster ready' line in the job output:\n{output}"
     return float(m.group(1))
+
+
+def journal_rows(path: Path) -> list[dict]:
+    """Every task a job's journal records so far (read-only; none while the journal is not there yet)."""
+    try:
+        r = Journal.open(path, readonly=True)
+    except JournalError as e:  # not there yet, or being created this very moment
+        if "does not exist" in str(e) or "holds nothing yet" in str(e):
+            return []
+        raise
+    try:
+        return list(r.rows())
+    finally:
+        r.close()

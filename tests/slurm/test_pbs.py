@@ -36,7 +36,7 @@ def test_pbs_script_detects_the_job_and_launches_engines_with_mpiexec_machinefil
     assert cp.returncode == 0, out
     assert "pbs job 4242.pbs-server: 1 node" in out and "4 slots; launcher mpiexec" in out, out
     assert engines_per_node(out) == {host: 4}, out
-    assert re.search(rf"^ipmtc: stopped cluster ipmtc-4242 \(\d+ processes\)", out, re.M), out
+    assert re.search(r"^ipmtc: stopped cluster ipmtc-4242 \(\d+ processes\)", out, re.M), out
 
     pdir = ipython_dir / "profile_ipmtc-4242"
     assert (pdir / "machinefile").read_text().split() == [f"{host}:4"]

@@ -19,7 +19,8 @@ import pytest
 from ipmtc import _proc
 from ipmtc.journal import Journal
 
-from ._helpers import BATCH, check_results, engines_per_node, ready_epoch
+from .._wait import wait_for
+from ._helpers import BATCH, check_results, engines_per_node, journal_rows, ready_epoch
 from .conftest import record
 
 pytestmark = pytest.mark.slurm
@@ -88,7 +89,9 @@ def test_mpiexec_engines_register_and_sigterm_trap_stops_cleanly(jobs, slurm, tm
     assert {e["node"] for e in state["engines"].values()} == FOUR_NODES
     assert sorted(int(e["rank"]) for e in state["engines"].values()) == list(range(16))  # MPI ranks
 
-    time.sleep(3)  # some tasks finish and are journaled
+    # some tasks finish and are journaled (5000 tasks of 0.3 s on 16 engines: over 90 s of work left)
+    wait_for(lambda: any(r["outcome"] == "ok" for r in journal_rows(journal)), 120, "a task recorded in the journal",
+             interval_s=0.2)
     t0 = time.monotonic()
     slurm.cmd("scancel", "--batch", "--signal=TERM", job.job_id)
     jobs.wait(job, timeout_s=60)
@@ -113,16 +116,25 @@ def test_mpiexec_engines_register_and_sigterm_trap_stops_cleanly(jobs, slurm, tm
 
 def test_losing_one_nodes_engines_mid_map(jobs, tmp_path, ipython_dir):
     """SIGKILL of n3's engines and nannies mid-map: the map completes on n1, n2, n4, every result right."""
-    res_file = tmp_path / "results.json"
+    res_file, journal = tmp_path / "results.json", tmp_path / "pi.db"
     n, samples = 240, 500
     job = jobs.submit(["-N", "4", "--ntasks-per-node=2"], BATCH / "slurm.sbatch",
                       ["--tasks", str(n), "--samples", str(samples), "--task-seconds", "0.25",
-                       "--out", str(res_file)], name="lose-node")
+                       "--journal", str(journal), "--out", str(res_file)], name="lose-node")
     jobs.wait_for_output(job, r"^8 engines, 240 tasks", timeout_s=150)
     state = json.loads(_state_file(ipython_dir, job.job_id).read_text())
     victims = {int(eid): e["pid"] for eid, e in state["engines"].items() if e["node"] == "n3"}
     assert len(victims) == 2, state["engines"]
-    time.sleep(1.5)  # the map is under way
+    # the map is under way and the victims are in it: a task of each is recorded (the map keeps every
+    # engine busy until its last few tasks: 240 tasks of 0.25 s on 8 engines take 7.5 s at least)
+    seen: list[dict] = []
+
+    def victims_at_work() -> bool:
+        seen[:] = journal_rows(journal)
+        return set(victims) <= {r["engine_id"] for r in seen}
+
+    wait_for(victims_at_work, 120, lambda: f"a task of each of n3's engines {sorted(victims)} recorded "
+             f"(recorded: {len(seen)} tasks, by engines {sorted({r['engine_id'] for r in seen})})", interval_s=0.1)
     killed = []
     for pid in victims.values():
         for p in _proc.process_tree(pid):  # the engine and its nanny
@@ -133,12 +145,13 @@ def test_losing_one_nodes_engines_mid_map(jobs, tmp_path, ipython_dir):
                 pass
     t_kill = time.time()
     assert len(killed) >= 4, killed  # 2 engines + 2 nannies
+    at_kill = len(journal_rows(journal))
     jobs.wait(job, timeout_s=120)
     out = job.output
     assert job.state == "COMPLETED" and job.exit_code == 0, (job.state, out)
     data = check_results(res_file, n, samples)
     assert data["summary"]["ok"] == n and not data["undone"] and not data["failed"], data["summary"]
-    assert data["summary"]["engine_losses"] == 2, data["summary"]
+    assert data["summary"]["engine_losses"] == 2, (data["summary"], f"{at_kill} of {n} tasks recorded at the kill")
     assert {"n1", "n2", "n4"} <= set(data["per_node"]), data["per_node"]
     assert not any(_proc.alive(p) for p in killed)
     _assert_stopped(out)

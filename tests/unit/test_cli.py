@@ -25,6 +25,8 @@ import pytest
 
 from ipmtc.cluster import STATE_FILE, ClusterInfo
 
+from ..conftest import processes_with_env, wait_all_dead
+
 GUARD = "guard"
 HAS_VENV_SRUN = (Path(sys.executable).parent / "srun").exists()
 
@@ -68,12 +70,8 @@ def _assert_one_error_line(cp: subprocess.CompletedProcess[str], *fragments: str
     return lines[0]
 
 
-@pytest.fixture
-def ipython_dir(tmp_path, monkeypatch) -> Path:
-    d = tmp_path / "ipython"
-    d.mkdir()
-    monkeypatch.setenv("IPYTHONDIR", str(d))
-    return d
+# ``ipython_dir``: tests/conftest.py's (a fresh IPYTHONDIR per test, no batch variables, and no process
+# of the test left running afterwards)
 
 
 # --------------------------------------------------------------------------- the bad-input table
@@ -193,6 +191,13 @@ def table_results(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProce
             stdout, stderr = proc.communicate()
         out[cid] = (subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), ipy, tmp)
     return out
+
+
+def test_bad_input_table_leaves_nothing_running(table_results) -> None:
+    """The table's cases run outside the per-test IPYTHONDIR: the same leftover check, for each of theirs."""
+    left = {cid: wait_all_dead(processes_with_env(f"IPYTHONDIR={ipy}"), timeout_s=10)
+            for cid, (_, ipy, _) in table_results.items()}
+    assert not any(left.values()), {cid: pids for cid, pids in left.items() if pids}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -6,7 +6,6 @@ Slurm is exercised in tests/slurm. Every lookup fails soft (None) and fast.
 from __future__ import annotations
 
 import json
-import os
 import stat
 import subprocess
 import sys
@@ -83,7 +82,7 @@ def test_squeue_that_hangs_is_none_quickly(tmp_path, monkeypatch):
     path = _bin(tmp_path, squeue="exec sleep 30")
     t0 = time.monotonic()
     assert job_end_time({"PATH": path, "SLURM_JOB_ID": "7"}) is None
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 20  # the timeout ended it, not squeue (30 s)
 
 
 PBS_PRO = """Job Id: 42.server
@@ -114,15 +113,18 @@ def test_qstat_pbs_pro_start_plus_walltime(tmp_path):
 
 def test_qstat_torque_remaining_and_start_time(tmp_path):
     path = _bin(tmp_path, qstat=f"printf '%s' '{TORQUE}'")
+    t0 = time.time()
     got = job_end_time({"PATH": path, "PBS_JOBID": "42"})
-    assert abs(got - (time.time() + 1800)) < 5
+    assert t0 + 1800 <= got <= time.time() + 1800  # "now" (read in between) + the seconds remaining
     path = _bin(tmp_path, qstat=f"printf '%s' '{TORQUE_EPOCH}'")
     assert job_end_time({"PATH": path, "PBS_JOBID": "42"}) == 1900000000 + 3600
 
 
 def test_qstat_without_start_uses_the_walltime_used(tmp_path):
     path = _bin(tmp_path, qstat=f"printf '%s' '{USED_ONLY}'")
-    assert abs(job_end_time({"PATH": path, "PBS_JOBID": "42"}) - (time.time() + 2400)) < 5
+    t0 = time.time()
+    got = job_end_time({"PATH": path, "PBS_JOBID": "42"})
+    assert t0 + 2400 <= got <= time.time() + 2400  # "now" (read in between) + limit - used
 
 
 _JOB_SCRIPT = """

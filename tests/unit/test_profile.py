@@ -6,9 +6,9 @@ Golden files live in tests/unit/golden/<case>/<file>; regenerate them with
 from __future__ import annotations
 
 import os
-import sys
 import socket
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,13 +25,8 @@ FILES = ["ipcontroller_config.py", "ipengine_config.py", "ipcluster_config.py", 
 SLURM4 = Allocation("slurm", "4242", ("n1", "n2", "n3", "n4"), (4, 4, 4, 4))
 
 
-@pytest.fixture(autouse=True)
-def ipython_dir(tmp_path, monkeypatch) -> Path:
-    d = tmp_path / "ipython"
-    monkeypatch.setenv("IPYTHONDIR", str(d))
-    for var in [v for v in os.environ if v.startswith("IPMTC_")]:
-        monkeypatch.delenv(var)
-    return d
+# ``ipython_dir``: tests/conftest.py's (autouse: a fresh IPYTHONDIR per test, no batch or IPMTC_ variables,
+# and no process of the test left running afterwards)
 
 
 def _dynamic_local_8():
