@@ -151,8 +151,10 @@ def main(argv=None) -> int:
 def drive_raw(cluster, n: int) -> dict:
     """The raw driver connects to the raw cluster by its profile directory."""
     code = DRIVER.replace("import ipmtc\nrc = ipmtc.connect(profile)",
-                          "import ipyparallel as ipp\nrc = ipp.Client(profile_dir=profile)")
-    cp = subprocess.run([C.PY, "-c", code, "raw", str(n), str(cluster.profile_dir), "-", str(C.HERE)],
+                          "import ipyparallel as ipp\nrc = ipp.Client(profile_dir=profile, "
+                          "cluster_id=sys.argv[6])")
+    cp = subprocess.run([C.PY, "-c", code, "raw", str(n), str(cluster.profile_dir), "-", str(C.HERE),
+                         cluster.cluster_id],
                         capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
     if cp.returncode != 0:
         raise RuntimeError(f"raw driver exited with {cp.returncode}: {cp.stderr.strip()[-800:]}")
