@@ -20,9 +20,10 @@ Task keys
     such tasks are then simply run again).
 
 Storage and safety
-    The driver's background thread commits finished tasks in batches (every
-    ``flush_interval_s``, 0.5 s, or every ``batch`` records): one transaction
-    appends rows to the ``inbox`` table, WAL mode, ``synchronous=FULL``. With
+    The driver's background thread commits finished tasks whenever it is idle
+    (group commit: what arrived during one commit goes in the next), so a
+    result the driver received is durable within about one commit's time: one
+    transaction appends rows to the ``inbox`` table, WAL mode, ``synchronous=FULL``. With
     the default key, the engines do the per-task work: each chunk comes back
     with its tasks' keys and results in one pickle, which becomes one
     inbox row as it is (plus a small header: engine, host, pid, attempts where
@@ -40,8 +41,8 @@ Storage and safety
 
     A task is *recorded* once its batch is committed. If the driver dies at
     any moment (SIGKILL included), every recorded task survives and is never
-    run again; at most the last half second of finished-but-unrecorded tasks
-    runs again. No task is recorded twice: the key is the ``tasks`` table's
+    run again; only tasks still on the engines, or whose results arrived during
+    the last commit, run again. No task is recorded twice: the key is the ``tasks`` table's
     primary key, the fold deletes the batches it folded in the same
     transaction, and a rerun of a failed task replaces its row.
 
