@@ -47,10 +47,14 @@ def test_engine_of_reply_forget_result_and_nowait_purge(rc):
     rc.metadata.pop(mid, None)
     assert _ipp.engine_of_reply(rc, mid, ar) == target
 
-    wait_for(lambda: mid not in rc._output_futures or rc._output_futures[mid].done(), 30, "the task's output")
+    out = rc._output_futures.get(mid)
+    output_in = out is None or out.done()  # read before: forgetting may drop the future
     _ipp.forget_result(rc, mid)
     assert mid not in rc.results and mid not in rc._futures
-    assert mid not in rc.metadata and mid not in rc._output_futures
+    if output_in:
+        assert mid not in rc.metadata and mid not in rc._output_futures
+    else:  # the task's output is still on its way: its metadata stays (a late output would recreate it)
+        assert mid in rc._output_futures
 
     # the hub (DictDB) records the reply from its monitor stream, possibly after the client got it:
     # purge once the hub holds the completed task, or the late record would come back
