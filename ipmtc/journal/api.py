@@ -23,7 +23,7 @@ from .writer import BATCH, FLUSH_INTERVAL_S, Writer
 if TYPE_CHECKING:
     import sqlite3
 
-    from ..maps.result import TaskRecord
+    from ..records import TaskRecord
 
 
 def _let_go(store: Store, writer: Writer) -> None:
@@ -129,7 +129,7 @@ class Journal:
         return self._lookups.lookup(key)
 
     def add(self, rec: TaskRecord, value: Any, item: Any = None, key_of: Callable[[Any], str] | None = None) -> None:
-        """Record a finished task (``rec`` a :class:`~ipmtc.maps.result.TaskRecord`, ``value`` None if it failed).
+        """Record a finished task (``rec`` a :class:`~ipmtc.records.TaskRecord`, ``value`` None if it failed).
 
         Cheap: the record is queued; the background writer commits it with the
         next group commit (milliseconds). The record must not change afterwards (the

@@ -34,7 +34,7 @@ from .reader import Row, _task_rows
 from .store import _INSERT, Store
 
 if TYPE_CHECKING:
-    from ..maps.result import TaskRecord
+    from ..records import TaskRecord
 
 FLUSH_INTERVAL_S = 0.5  # the longest the thread sleeps without being woken (nothing waits on it)
 BATCH = 2_000  # kept for the API: the thread now commits whenever it is idle

@@ -3,57 +3,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from .. import report
 from ..outcomes import LOST, OK, RAISED, UNDONE, WALLTIME  # noqa: F401 (imported from here by older code)
+from ..records import TaskFailure, TaskRecord
 from ..stats import efficiency, task_stats
-
-
-@dataclass(slots=True)
-class TaskRecord:
-    """One task: where and when it ran, how often, and how it ended."""
-
-    index: int
-    key: str | None = None
-    engine_id: int | None = None
-    host: str | None = None
-    pid: int | None = None
-    submitted: float | None = None  # epoch seconds, last attempt
-    started: float | None = None
-    finished: float | None = None
-    attempts: int = 0  # attempts charged to the task (its own exceptions / walltime)
-    resubmits: int = 0  # re-runs not charged: engine lost, straggler abort, drained
-    crashes: int = 0  # engines that died while this task ran alone on them (see crash_limit)
-    outcome: str | None = None  # final: ipmtc.outcomes OK | RAISED | WALLTIME | UNDONE
-    error: str | None = None  # "Ename: message" of the last failure
-    history: list = field(default_factory=list)  # earlier attempts: (engine_id, host, started, finished, outcome)
-
-    @property
-    def duration_s(self) -> float | None:
-        if self.started is None or self.finished is None:
-            return None
-        return self.finished - self.started
-
-
-@dataclass
-class TaskFailure:
-    """A task that exhausted its retries: the remote traceback, engine id and host."""
-
-    index: int
-    item: Any
-    ename: str
-    evalue: str
-    traceback: str
-    engine_id: int | None
-    host: str | None
-    attempts: int
-
-    def __str__(self) -> str:
-        return f"task {self.index} failed on engine {self.engine_id} ({self.host}) after " \
-               f"{self.attempts} attempt(s): {self.ename}: {self.evalue}"
 
 
 class MapResult:
