@@ -26,6 +26,7 @@ OUTPUTS = {
                      "weak_scaling_timeline_dynamic.png"],
     "faults": ["faults.md", "faults.png", "faults_run.json"],
     "model": ["model.md", "model.png"],
+    "memory": ["memory.md", "memory.json"],
 }
 
 
