@@ -100,6 +100,6 @@ def test_run_all_writes_results_md(smoke_runs, tmp_path):
     # the machine line: run_all's own host and core count
     assert f"Machine: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}," in text, \
         text[:500]
-    for name in OUTPUTS:
-        assert f"{name}.png)" in text
-    assert "### Model" in text and "### Weak scaling" in text and "FAILED" not in text
+    for name, files in OUTPUTS.items():
+        assert f"{name}.png" not in files or f"{name}.png)" in text, name
+    assert "### Model" in text and "### Weak scaling" in text and "### Memory" in text and "FAILED" not in text
