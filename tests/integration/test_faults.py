@@ -295,3 +295,48 @@ def test_driver_sigkilled_three_times_reruns_only_what_was_in_flight(start_clust
     window = 4 * 2 * 2 + 4
     print(f"re-executed after 3 SIGKILLs: {again} (bound {3 * window})")
     assert again <= 3 * window, (again, window)
+
+
+def test_a_journaled_map_after_a_lost_controller_resumes_on_a_new_cluster(start_cluster, tmp_path, monkeypatch):
+    """Controller tree SIGKILLed mid-map (applies: the map raises); `ipmtc stop; ipmtc start`; the same map
+    with the same journal runs only the rest."""
+    monkeypatch.setenv("IPMTC_DRIVER_IP", "off")
+    profile = f"resume-{os.getpid()}"
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    journal = str(tmp_path / "run.db")
+    items = [(i, str(marks)) for i in range(120)]
+    info = start_cluster(4, profile=profile)
+    rc = _client(info)
+    box: dict = {}
+
+    def run():
+        try:
+            box["res"] = ipmtc.dynamic_map(marked, items, client=rc, journal=journal, progress=False)
+        except BaseException as e:  # noqa: B036 (handed to the test thread)
+            box["err"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    wait_for(lambda: len(list(marks.iterdir())) >= 30, 60, "30 task executions")
+    for pid in _proc.process_tree(info.controller_pid):
+        os.kill(pid, signal.SIGKILL)
+    t.join(timeout=60)
+    assert not t.is_alive()
+    rc.close()
+    if "res" in box:
+        pytest.skip("the map finished before the kill took effect")
+    assert isinstance(box["err"], ControllerLostError)
+    recorded = len(box["err"].result)
+    cluster.stop(profile)
+    before = len(list(marks.iterdir()))  # every execution of the first cluster, its engines now gone
+    info = start_cluster(4, profile=profile)
+    rc = _client(info)
+    try:
+        res = ipmtc.dynamic_map(marked, items, client=rc, journal=journal, progress=False)
+    finally:
+        rc.close()
+    assert list(res) == [i * 3 for i in range(120)]
+    assert res.summary()["from_journal"] >= recorded
+    ran_again = len(list(marks.iterdir())) - 120
+    assert ran_again <= before - recorded  # only what ran without its result reaching the driver
