@@ -26,6 +26,7 @@ from .launch import EnginePlan, engine_cmd, plan_engines
 from .profile import default_name, ipython_dir, profile_dir, write_profile
 
 STATE_FILE = "ipmtc-cluster.json"
+HUB_RECHECK_S = 2.0  # start-up: how often the hub's own engine count is compared with the client's
 LOG_TAIL_LINES = 15
 
 
@@ -242,7 +243,7 @@ def start(*, preset: str | None = None, flags: Mapping[str, Any] | None = None, 
     try:
         _start_processes(cluster, setup.plan)
         client = cluster.connect_client_sync()
-        _wait_for_registration(cluster, client, setup.plan, deadline, timeout_s, on_progress)
+        client = _wait_for_registration(cluster, client, setup.plan, deadline, timeout_s, on_progress)
         startup_s = time.monotonic() - t0
         return _record_cluster(cluster, client, setup, pdir, startup_s, timeout_s)
     except BaseException as e:
@@ -307,17 +308,18 @@ def _start_processes(cluster, plan: EnginePlan) -> None:
 
 
 def _wait_for_registration(cluster, client, plan: EnginePlan, deadline: float, timeout_s: float,
-                           on_progress: Callable[[int, int], None] | None) -> None:
+                           on_progress: Callable[[int, int], None] | None) -> Any:
     """Poll until every engine registered; :class:`StartupError` once the controller or every launcher
-    process is gone, or at the deadline."""
+    process is gone, or at the deadline. Returns the client (a new one if the first missed registrations)."""
     last = -1
+    asked_hub = time.monotonic()
     while True:
         registered = len(client.ids)
         if registered != last and on_progress:
             on_progress(registered, plan.n_engines)
         last = registered
         if registered >= plan.n_engines:
-            return
+            return client
         if not _proc.alive(cluster.controller.pid):
             raise StartupError(f"the controller exited during start-up ({registered}/{plan.n_engines} "
                                f"engines registered)")
@@ -328,6 +330,14 @@ def _wait_for_registration(cluster, client, plan: EnginePlan, deadline: float, t
         if time.monotonic() > deadline:
             raise StartupError(f"only {registered}/{plan.n_engines} engines registered within "
                                f"{timeout_s:g} s")
+        if time.monotonic() - asked_hub > HUB_RECHECK_S:
+            # a client connected while engines registered can miss their notifications (PUB/SUB's
+            # slow joiner) and never learn of them: ask the hub, and connect afresh if it knows more
+            asked_hub = time.monotonic()
+            if sum(isinstance(k, int) for k in client.queue_status()) > registered:
+                client.close()
+                client = cluster.connect_client_sync()
+                continue
         time.sleep(0.1)
 
 
