@@ -269,15 +269,12 @@ class Channel:
             while True:
                 for sock, _ in poller.poll(max(0, int((next_ping - time.monotonic()) * 1000)) + 1):
                     if sock is self.router:
-                        frames = self.router.recv_multipart(copy=False)
-                        try:
-                            eid = self._from_engine([f.bytes for f in frames], idents, told)
-                            if eid is not None:  # a hello: remember its connection
-                                fds[frames[-1].get(zmq.SRCFD)] = eid
-                        except Exception:  # one bad message must not stop the channel
-                            pass
+                        self._receive(self.router.recv_multipart(copy=False), idents, told, fds)
                     elif sock is monitor:
                         event = recv_monitor_message(monitor)
+                        # what the peer sent before its connection dropped (a bye) comes first
+                        while self.router.poll(0):
+                            self._receive(self.router.recv_multipart(copy=False), idents, told, fds)
                         eid = fds.pop(event["value"], None)
                         if eid is not None:
                             self._disconnected(eid, idents, told)
@@ -295,6 +292,15 @@ class Channel:
             self._inbox.close(0)
             for res in list(self.results.values()):
                 res._set(error=ChannelLost("the channel closed"))
+
+    def _receive(self, frames: list, idents: dict[int, bytes], told: dict[int, set[str]],
+                 fds: dict[int, int]) -> None:
+        try:
+            eid = self._from_engine([f.bytes for f in frames], idents, told)
+            if eid is not None:  # a hello: remember its connection
+                fds[frames[-1].get(zmq.SRCFD)] = eid
+        except Exception:  # one bad message must not stop the channel
+            pass
 
     def _to_all(self, idents: dict[int, bytes], frames: list) -> None:
         for ident in list(idents.values()):
@@ -382,6 +388,7 @@ class Channel:
             eid = int(header[1])
             idents[eid] = ident
             told.pop(eid, None)
+            self.gone.discard(eid)  # listening again (it only closed its listener)
             self.connected.add(eid)
             return eid
         elif kind == "bye":
