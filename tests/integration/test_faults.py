@@ -218,23 +218,30 @@ def test_engine_output_on_a_full_device_never_silences_a_chunk(start_cluster, pa
 
 
 def test_flat_bookkeeping_by_object_counts(rc):
+    """imap keeps nothing of a finished task: after 10^5 and after 2*10^5 tasks the driver holds the same
+    number of objects, and while it runs its bookkeeping never holds more than the chunks in flight."""
     import gc
 
-    def peak(n: int) -> int:
+    from ipmtc.maps.placement import DYNAMIC_WINDOW_PER_ENGINE, MAX_CHUNK
+
+    def run(n: int) -> tuple[int, int]:
         gc.collect()
         base = len(gc.get_objects())
-        top = 0
-        it = ipmtc.imap(abs, (i for i in range(n)), client=rc, ordered=False, progress=False)
-        for k, _ in enumerate(it):
-            if k % 20_000 == 0:
-                top = max(top, len(gc.get_objects()) - base)
+        stream = ipmtc.imap(abs, (i for i in range(n)), client=rc, ordered=False, progress=False)
+        ledger = stream._dispatcher.ledger
+        most = 0
+        for k, _ in enumerate(stream):
+            if k % 5_000 == 0:  # the ledger's per-task structures: O(tasks unfinished), not O(tasks)
+                most = max(most, len(ledger.records) + len(ledger.items) + len(ledger.finished) + len(ledger.ready))
+        del stream, ledger
         gc.collect()
-        return max(top, len(gc.get_objects()) - base)
+        return len(gc.get_objects()) - base, most
 
-    peak(1000)  # warm-up: imports, the channel
-    small, large = peak(100_000), peak(200_000)
-    assert large <= small + 5_000, (small, large)
-
+    run(1000)  # warm-up: imports, the channel
+    (kept_small, most_small), (kept_large, most_large) = run(100_000), run(200_000)
+    assert kept_large <= kept_small + 2_000, (kept_small, kept_large)  # nothing per task is kept
+    in_flight = DYNAMIC_WINDOW_PER_ENGINE * len(rc.ids) * MAX_CHUNK
+    assert most_small <= 2 * in_flight and most_large <= 2 * in_flight, (most_small, most_large, in_flight)
 
 
 DRIVER = r"""
