@@ -1,7 +1,13 @@
 """Task keys: what identifies a task in a journal, the same in every process.
 
-A key is a 128-bit blake2b hash of the function's identity (module + qualified
-name, :func:`function_id`) and a canonical encoding of the input (:func:`_encode`).
+A key names the function (module + qualified name, :func:`function_id`) and the
+input, by a canonical encoding of it (:func:`_encode`). A short printable
+encoding (an int, a float, a short tuple of them...) is the key itself, after a
+32-bit tag of the function (``"1a2b3c4d=i42;"``): no hash to compute, a few
+bytes to store. Any other input is keyed by a 128-bit blake2b hash of the
+function's identity and the encoding (32 hex digits, never holding ``=``). A
+journal holds the tasks of one function only (another's is refused), so the
+tag only keeps keys of different functions apart where they meet.
 The maps' default key is worked out on the engines (:func:`keys_for`, called by
 the chunk runner) or in the driver (:func:`key_function`); both give
 :func:`task_key`'s result. Kept apart from the journal's storage so that the
@@ -68,8 +74,23 @@ def _encode(obj: Any) -> bytes:
     return b"p%d:" % len(data) + data
 
 
-def _hash(prefix: bytes, enc: bytes) -> str:
+INLINE_MAX = 32  # encodings up to this long (printable ASCII) are keys as they are
+
+
+def _tag(prefix: bytes) -> str:
+    return hashlib.blake2b(prefix, digest_size=4).hexdigest()
+
+
+def _key(prefix: bytes, tag: str, enc: bytes) -> str:
+    if len(enc) <= INLINE_MAX and enc.isascii():
+        text = enc.decode("ascii")
+        if text.isprintable():
+            return f"{tag}={text}"
     return hashlib.blake2b(prefix + enc, digest_size=16).hexdigest()
+
+
+def _hash(prefix: bytes, enc: bytes) -> str:
+    return _key(prefix, _tag(prefix), enc)
 
 
 def _prefix(fid: str) -> bytes:
@@ -87,7 +108,7 @@ def key_for(fid: str, item: Any) -> str:
 
 
 def task_key(fn: Callable, item: Any) -> str:
-    """Stable key of one task: a 128-bit hash of ``fn``'s module + qualified name and of the input.
+    """Stable key of one task: ``fn``'s module + qualified name and the input (hashed unless short).
 
     The function's *code* is not part of the key: a changed function reuses the
     results its older version recorded. Use a new journal (or ``key=``) after
@@ -99,9 +120,10 @@ def task_key(fn: Callable, item: Any) -> str:
 def key_function(fn: Callable) -> Callable[[Any], str]:
     """``item -> task_key(fn, item)`` with the function's identity worked out once (the maps' default key)."""
     prefix = key_prefix(fn)
+    tag = _tag(prefix)
 
     def key(item: Any) -> str:
-        return _hash(prefix, _encode(item))
+        return _key(prefix, tag, _encode(item))
 
     key.__qualname__ = f"task_key[{function_id(fn)}]"
     return key
@@ -110,14 +132,42 @@ def key_function(fn: Callable) -> Callable[[Any], str]:
 def keys_for(prefix: bytes, items: list) -> list[str | None]:
     """``task_key`` of each input (run on the engines); None where an input cannot be keyed."""
     out: list[str | None] = []
+    tag = _tag(prefix)
+    small = (tag + "=i%d;").__mod__  # the commonest input, an int, as _key would key it
     for item in items:
-        if type(item) is int:  # the commonest input, encoded inline (as _encode does)
-            enc = b"i%d;" % item
-        else:
-            try:
-                enc = _encode(item)
-            except JournalError:
-                out.append(None)  # the driver keys it, and says what is wrong
-                continue
-        out.append(_hash(prefix, enc))
+        if type(item) is int and -10**25 < item < 10**25:
+            out.append(small(item))
+            continue
+        try:
+            enc = _encode(item)
+        except JournalError:
+            out.append(None)  # the driver keys it, and says what is wrong
+            continue
+        out.append(_key(prefix, tag, enc))
     return out
+
+
+def pack_keys(prefix: bytes, items: list) -> tuple[bytes, list[int]]:
+    """The keys of ``items`` as the engines send them: (pickled keys, positions of inputs that cannot be keyed).
+
+    Inputs that are all small ints (the commonest case: ``range(n)``) are sent as they
+    are, with the function's tag: the keys are spelled out only when the journal is
+    read (:func:`unpack_keys`), never on the map's way.
+    """
+    dumps, proto = pickle.dumps, pickle.HIGHEST_PROTOCOL
+    if items and set(map(type, items)) == {int} and -10**25 < min(items) and max(items) < 10**25:
+        return dumps((_tag(prefix), items), protocol=proto), []
+    keys = keys_for(prefix, items)
+    bad = [pos for pos, key in enumerate(keys) if key is None]
+    if bad:
+        keys = [key for key in keys if key is not None]
+    return dumps(keys, protocol=proto), bad
+
+
+def unpack_keys(blob: bytes) -> list[str]:
+    """The keys :func:`pack_keys` packed, spelled out."""
+    keys = pickle.loads(blob)
+    if type(keys) is tuple:  # (tag, small ints)
+        tag, ints = keys
+        return list(map((tag + "=i%d;").__mod__, ints))
+    return keys

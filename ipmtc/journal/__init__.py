@@ -22,16 +22,22 @@ Task keys
 Storage and safety
     The driver's background thread commits finished tasks whenever it is idle
     (group commit: what arrived during one commit goes in the next), so a
-    result the driver received is durable within about one commit's time: one
-    transaction appends rows to the ``inbox`` table, WAL mode, ``synchronous=FULL``. With
-    the default key, the engines do the per-task work: each chunk comes back
-    with its tasks' keys and results in one pickle, which becomes one
-    inbox row as it is (plus a small header: engine, host, pid, attempts where
-    not 1, duplicates to skip), so the driver does no per-task journal work.
+    result the driver received is durable within about one commit's time: each
+    commit is one SQL statement appending one row to the ``inbox`` table (WAL
+    mode, ``synchronous=FULL``). With the default key, the engines do the
+    per-task work: each chunk comes back with its tasks' keys and rows in two
+    pickles, stored as they are (plus a small header: engine, host, pid,
+    attempts where not 1, duplicates to skip), so the driver does no per-task
+    journal work; short inputs (ints, floats, short tuples...) are their own
+    keys, spelled out only when the journal is read (:mod:`ipmtc.keys`).
     Other records (a user's ``key=``, failures, results plain pickle cannot
-    take) go as one row per batch (records as one pickled list of plain
+    take) go as one batch per commit (records as one pickled list of plain
     tuples, results each pickled on its own; their keys worked out by the
-    writer thread when the journal held nothing to look up). The ``inbox`` is folded into the ``tasks`` table (one
+    writer thread when the journal held nothing to look up). A new journal's
+    file is created private (0600, ``O_EXCL|O_NOFOLLOW``) at once, and set up
+    by the writer thread while the map starts; its last connection is closed
+    (the WAL checkpoint) by a thread of its own after every commit is durable.
+    The ``inbox`` is folded into the ``tasks`` table (one
     row per task, the key its primary key, the result pickled) in one
     transaction when the journal is closed (unless that would add more than 5%
     to a very short map; the next open or a later close does it then, or
@@ -43,7 +49,7 @@ Storage and safety
     any moment (SIGKILL included), every recorded task survives and is never
     run again; only tasks still on the engines, or whose results arrived during
     the last commit, run again. No task is recorded twice: the key is the ``tasks`` table's
-    primary key, the fold deletes the batches it folded in the same
+    primary key, the fold deletes the inbox rows it folded in the same
     transaction, and a rerun of a failed task replaces its row.
 
     One driver at a time: the journal holds an exclusive ``flock`` on
@@ -66,7 +72,16 @@ Layout
 from __future__ import annotations
 
 from ..errors import JournalError, JournalWarning  # noqa: F401 (JournalError: importable from here too)
-from ..keys import function_id, key_for, key_function, key_prefix, keys_for, task_key  # noqa: F401 (API)
+from ..keys import (  # noqa: F401 (API)
+    function_id,
+    key_for,
+    key_function,
+    key_prefix,
+    keys_for,
+    pack_keys,
+    task_key,
+    unpack_keys,
+)
 from .api import Journal
 
 # the single-module journal's other names, still importable from here (monkeypatching them here changes

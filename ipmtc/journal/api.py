@@ -7,6 +7,7 @@ background commits, the fold into the tasks table) and the
 """
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from collections.abc import Callable, Iterator
@@ -17,13 +18,19 @@ from ..errors import JournalError
 from ..keys import function_id
 from . import reader
 from .reader import Lookups
-from .store import Store, foreign_function
+from .store import Contents, Store, foreign_function
 from .writer import BATCH, FLUSH_INTERVAL_S, Writer
 
 if TYPE_CHECKING:
     import sqlite3
 
     from ..records import TaskRecord
+
+
+def _set_up(store: Store, context: dict[str, str]) -> None:
+    """Make a new (empty) journal file a journal: schema, this driver's run, the reader's connection."""
+    store.open_rw(context)
+    store.open_reader()
 
 
 def _let_go(store: Store, writer: Writer) -> None:
@@ -81,6 +88,12 @@ class Journal:
         store.function = function_id(fn)
         try:
             store.lock()
+            if store.create_empty():
+                # a new journal holds nothing to look up: its SQLite set-up (a few ms, two fsyncs) is the
+                # writer thread's first job, while the map starts; a failure there is the journal's .error
+                self._lookups.size_up(Contents(records=0, value_bytes=0, inbox=0))
+                self._writer.start(setup=functools.partial(_set_up, store, context or {}))
+                return self
             contents = store.open_rw(context or {})
             self._lookups.size_up(contents)
             self._writer.fold_on_open(contents.inbox, self._lookups.preload)
@@ -141,18 +154,18 @@ class Journal:
             raise self._refused("cannot record tasks")
         self._writer.add(rec, value, item, key_of)
 
-    def add_chunk(self, pickled_rows: bytes, n: int, engine_id: int | None, host: str, pid: int,
+    def add_chunk(self, part: tuple[bytes, bytes], n: int, engine_id: int | None, host: str, pid: int,
                   skip: list[int], overrides: dict[int, tuple[int, int]]) -> None:
         """Record the ok tasks of one chunk as the engine pickled them (``runner._for_journal``).
 
-        ``pickled_rows`` holds (key, index, started, finished, result) per task;
+        ``part``: the tasks' keys and rows (index, "ok", result, started, finished), each pickled;
         ``skip``: indices not to record (duplicates); ``overrides``: index -> (attempts,
-        resubmits) where not (1, 0). Stored as one inbox row, so a map with a journal does
+        resubmits) where not (1, 0). Stored as one batch, as it came, so a map with a journal does
         no per-task work for it here.
         """
         if self._closed or self.readonly:
             raise self._refused("cannot record tasks")
-        self._writer.add_chunk(pickled_rows, n, engine_id, host, pid, skip, overrides)
+        self._writer.add_chunk(part, n, engine_id, host, pid, skip, overrides)
 
     def flush(self) -> None:
         """Commit everything queued now. Never raises for a failed write: see :attr:`error`."""
@@ -189,6 +202,7 @@ class Journal:
     @property
     def run(self) -> int | None:
         """This driver's run number (``runs.run``) when opened for writing."""
+        self._writer.wait_set_up()
         return self._store.run
 
     @property
@@ -244,6 +258,7 @@ class Journal:
     # ------------------------------------------------------------ reading (ipmtc journal show, report)
 
     def _reader(self) -> sqlite3.Connection:
+        self._writer.wait_set_up()
         return self._store.reader()
 
     def meta(self) -> dict[str, str]:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any, cast
 
 from ..errors import JournalWarning
+from ..keys import unpack_keys
 from ..outcomes import OK
 from .store import _COLUMNS, Contents, Store
 
@@ -28,21 +29,32 @@ def _task_rows(rblob: bytes, vblob: bytes | None, run: int, recorded: float, val
     """Rows of the tasks table from one inbox batch.
 
     A batch is either the driver's (a list of plain tuples and a list of pickled
-    results) or a chunk as the engine pickled it (a header, and (key, index,
-    started, finished, result) per task: see :meth:`Journal.add_chunk`); its
-    results are pickled one by one here, as the tasks table stores them.
+    results) or a chunk as the engine pickled it (a header holding the tasks'
+    pickled keys, and the tasks' rows (index, "ok", result, started, finished): see
+    :meth:`Journal.add_chunk`); its results are pickled one by one here, as the
+    tasks table stores them.
     """
     rows = pickle.loads(rblob)
     if type(rows) is dict:
         skip, over = set(rows["skip"]), rows["over"]
         eid, host, pid = rows["engine_id"], rows["host"], rows["pid"]
         dumps, proto = pickle.dumps, pickle.HIGHEST_PROTOCOL
+        keys = unpack_keys(rows["keys"])
         return [(key, idx, OK, *over.get(idx, (1, 0)), eid, host, pid, started, finished, None,
                  dumps(value, protocol=proto) if values else None, run, recorded)
-                for key, idx, started, finished, value in pickle.loads(cast(bytes, vblob)) if idx not in skip]
+                for key, (idx, _, value, started, finished) in zip(keys, pickle.loads(cast(bytes, vblob)))
+                if idx not in skip]
     if vblob is None or not values:
         return [row + (None, run, recorded) for row in rows]
     return [row + (blob, run, recorded) for row, blob in zip(rows, pickle.loads(vblob))]
+
+
+def inbox_rows(blob: bytes, run: int, recorded: float, values: bool = True) -> list[Row]:
+    """Rows of the tasks table from one inbox row (one commit: its batches, pickled as a list)."""
+    out: list[Row] = []
+    for rblob, vblob in pickle.loads(blob):
+        out += _task_rows(rblob, vblob, run, recorded, values)
+    return out
 
 
 def _unpickle_for_show(blob: bytes | None, outcome: str) -> Any:
@@ -126,8 +138,8 @@ class Lookups:
         conn = self.store.reader()
         index = {row[0]: row[1:] for row in conn.execute(
             "SELECT key, outcome, attempts, engine_id, host, pid, started, finished, error, value FROM tasks")}
-        for run, recorded, rblob, vblob in conn.execute("SELECT run, recorded, rows, vals FROM inbox ORDER BY seq"):
-            for row in _task_rows(rblob, vblob, run, recorded):
+        for run, recorded, blob in conn.execute("SELECT run, recorded, batches FROM inbox ORDER BY seq"):
+            for row in inbox_rows(blob, run, recorded):
                 # (key, idx, outcome, attempts, resubmits, engine_id, host, pid, started, finished, error, value, ..)
                 index[row[0]] = (row[2], row[3], row[5], row[6], row[7], row[8], row[9], row[10], row[11])
         return index
@@ -141,16 +153,26 @@ def meta(conn: sqlite3.Connection) -> dict[str, str]:
 
 
 def runs(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    cur = conn.execute("SELECT run, started, ended, host, pid, recorded FROM runs ORDER BY run")
+    """The drivers that opened the journal: run, started, host, pid, and what each recorded (``recorded``
+    tasks, the last commit ``ended``; worked out here so that no commit has to update the runs table)."""
+    cur = conn.execute("SELECT run, started, host, pid FROM runs ORDER BY run")
     cols = [d[0] for d in cur.description]
-    return [dict(zip(cols, r)) for r in cur.fetchall()]
+    out = [dict(zip(cols, r), recorded=0, ended=None) for r in cur.fetchall()]
+    by_run = {r["run"]: r for r in out}
+    for run, n, last in [*conn.execute("SELECT run, count(*), max(recorded) FROM tasks GROUP BY run"),
+                         *conn.execute("SELECT run, sum(n), max(recorded) FROM inbox GROUP BY run")]:
+        if run in by_run:
+            r = by_run[run]
+            r["recorded"] += n
+            r["ended"] = max(r["ended"] or 0.0, last or 0.0) or None
+    return out
 
 
 def _inbox(conn: sqlite3.Connection, values: bool) -> dict[str, Row]:
     """Committed records not merged yet: key -> full task row (the latest batch wins)."""
     latest: dict[str, Row] = {}
-    for run, recorded, rblob, vblob in conn.execute("SELECT run, recorded, rows, vals FROM inbox ORDER BY seq"):
-        for row in _task_rows(rblob, vblob, run, recorded, values):
+    for run, recorded, blob in conn.execute("SELECT run, recorded, batches FROM inbox ORDER BY seq"):
+        for row in inbox_rows(blob, run, recorded, values):
             latest[row[0]] = row
     return latest
 

@@ -22,14 +22,13 @@ from pathlib import Path
 
 from ..errors import JournalError, JournalWarning
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: short inputs keyed as they are (keys.py); an inbox row per commit; runs' counts derived
 APPLICATION = "ipmtc-journal"
 
 # stored as it is in sqlite_master: keep the text unchanged within a SCHEMA_VERSION
 _SCHEMA = """
 CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE runs (run INTEGER PRIMARY KEY, started REAL NOT NULL, ended REAL, host TEXT, pid INTEGER,
-                   recorded INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE runs (run INTEGER PRIMARY KEY, started REAL NOT NULL, host TEXT, pid INTEGER);
 CREATE TABLE tasks (
     key TEXT PRIMARY KEY,      -- task_key(fn, item) or the user's key=
     idx INTEGER,               -- position of the input in the map that recorded it
@@ -42,8 +41,8 @@ CREATE TABLE tasks (
     run INTEGER,               -- runs.run of the driver that recorded it
     recorded REAL              -- epoch seconds of the commit
 );
--- recorded batches not yet folded into tasks: one row per commit (rows and results pickled as lists)
-CREATE TABLE inbox (seq INTEGER PRIMARY KEY, run INTEGER, recorded REAL, n INTEGER, rows BLOB, vals BLOB);
+-- commits not yet folded into tasks: one row per commit, its batches pickled as one list
+CREATE TABLE inbox (seq INTEGER PRIMARY KEY, run INTEGER, recorded REAL, n INTEGER, batches BLOB);
 """
 _COLUMNS = ("key", "idx", "outcome", "attempts", "resubmits", "engine_id", "host", "pid", "started",
             "finished", "error", "value", "run", "recorded")
@@ -87,6 +86,13 @@ def foreign_function(path: Path, theirs: str | None, ours: str | None) -> Journa
     """The error for a journal of another function than the map's."""
     return JournalError(f"journal {path} belongs to a map of {theirs}, not of {ours}; results of different "
                         "functions are never mixed: use another journal path (or delete this one)")
+
+
+def _close(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except sqlite3.Error:
+        pass
 
 
 class Store:
@@ -148,16 +154,33 @@ class Store:
         thread's), never starts one.
         """
         with self.write_lock:
-            for conn in (self.rconn, self.conn):
-                if conn is not None:
-                    try:
-                        conn.close()
-                    except sqlite3.Error:
-                        pass
-            self.rconn = self.conn = None
+            if self.rconn is not None:
+                _close(self.rconn)  # not the last connection: quick
+            wconn, self.rconn, self.conn = self.conn, None, None
+        if wconn is not None:
+            # the last connection's close copies the WAL into the file (a checkpoint, with fsyncs): a few ms
+            # at the end of every map that nothing waits on. Every commit is durable already, and nothing
+            # else can reach this connection any more, so a thread of its own closes it (joined at exit)
+            threading.Thread(target=_close, args=(wconn,), name=f"ipmtc-journal-close-{self.path.name}").start()
         if self.lock_fd is not None:
             os.close(self.lock_fd)  # releases the flock
             self.lock_fd = None
+
+    def create_empty(self) -> bool:
+        """Create the journal as an empty file (an empty SQLite database), private from the first byte.
+
+        True if this call made it (a new journal: nothing to look up, so SQLite may set it up while the
+        map already runs), False if it was there. Call with the lock held. SQLite makes the ``-wal`` and
+        ``-shm`` files with this file's mode.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            raise JournalError(self.write_error_message(e, opening=True)) from None
+        os.close(fd)
+        return True
 
     # ------------------------------------------------------------ connections
 
@@ -211,7 +234,7 @@ class Store:
                 warnings.warn(f"journal {p}: SQLite refused WAL mode (got {mode}); writes are slower",
                               JournalWarning, stacklevel=3)
             n_tasks, b_tasks = conn.execute("SELECT count(*), coalesce(sum(length(value)), 0) FROM tasks").fetchone()
-            n_inbox, b_inbox = conn.execute("SELECT coalesce(sum(n), 0), coalesce(sum(length(vals)), 0) "
+            n_inbox, b_inbox = conn.execute("SELECT coalesce(sum(n), 0), coalesce(sum(length(batches)), 0) "
                                             "FROM inbox").fetchone()
         except JournalError:
             self.rollback()

@@ -1,8 +1,8 @@
 """Recording finished tasks: queued in memory, committed in batches, folded into the tasks table.
 
 The dispatcher's thread only queues (:meth:`Writer.add`, :meth:`Writer.add_chunk`);
-a background thread commits what is queued as rows of the ``inbox`` table, one
-transaction per commit -- a *group commit*: whenever the thread is idle, what
+a background thread commits what is queued as one row of the ``inbox`` table, one
+statement per commit -- a *group commit*: whenever the thread is idle, what
 was queued meanwhile is committed at once, so a finished task is durable a few
 milliseconds after the driver received it (the time of one commit), and tasks
 that arrive during a commit share the next one. A driver SIGKILLed at any
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import JournalError, JournalWarning
 from ..outcomes import OK
-from .reader import Row, _task_rows
+from .reader import Row, inbox_rows
 from .store import _INSERT, Store
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ _RECORD_ROW = operator.attrgetter("key", "index", "outcome", "attempts", "resubm
                                   "started", "finished", "error")  # a TaskRecord as an inbox row
 
 Chunk = tuple[dict[str, Any], bytes, int]  # (header, the engine's pickled rows, tasks): see add_chunk
-Batch = tuple[int, bytes, bytes | None]  # one inbox row: (tasks, rows, vals)
+Batch = tuple[int, bytes, bytes | None]  # one batch of an inbox row: (tasks, rows, vals)
 
 
 class Writer:
@@ -70,6 +70,8 @@ class Writer:
         self._items: deque[tuple[Any, Callable[[Any], str] | None]] = deque()  # inputs of records the writer keys
         self._opened_at = 0.0
         self._wake = threading.Event()
+        self._set_up = threading.Event()  # cleared while the thread sets up a new journal's file
+        self._set_up.set()
         self._idle = False  # the thread waits for work: the next add wakes it (group commit)
         self._stopping = False  # close(): write what is queued, then end
         self._abandoned = False  # the journal was collected unclosed: end without writing
@@ -95,14 +97,16 @@ class Writer:
         elif len(q) >= MAX_PENDING:  # the writer lags far behind: write here (back-pressure)
             self.write_pending()
 
-    def add_chunk(self, pickled_rows: bytes, n: int, engine_id: int | None, host: str, pid: int,
+    def add_chunk(self, part: tuple[bytes, bytes], n: int, engine_id: int | None, host: str, pid: int,
                   skip: list[int], overrides: dict[int, tuple[int, int]]) -> None:
         """Queue the ok tasks of one chunk as the engine pickled them (see :meth:`Journal.add_chunk`)."""
         if self.error is not None:
             self._unrecorded(n)
             return
-        head = {"chunk": 1, "engine_id": engine_id, "host": host, "pid": pid, "skip": skip, "over": overrides}
-        self._chunks.append((head, pickled_rows, n))
+        keys, entries = part  # the keys ride in the header, still pickled: nobody unpickles them until read
+        head = {"chunk": 1, "engine_id": engine_id, "host": host, "pid": pid, "skip": skip, "over": overrides,
+                "keys": keys}
+        self._chunks.append((head, entries, n))
         if self._idle:
             self._idle = False
             self._wake.set()
@@ -113,28 +117,49 @@ class Writer:
         self.report()
 
     def report(self) -> None:
-        """Warn, once each, that recording failed and that some results cannot be pickled."""
+        """Warn, once each, that recording failed and that some tasks cannot be recorded."""
         if self.error is not None and not self._reported:
             self._reported = True
             warnings.warn(str(self.error), JournalWarning, stacklevel=3)
         if self.pickle_problem and not self._pickle_reported:
             self._pickle_reported = True
-            warnings.warn(f"journal {self.store.path}: some results cannot be pickled ({self.pickle_problem}); "
-                          "they are not recorded and will be computed again on a rerun", JournalWarning,
+            warnings.warn(f"journal {self.store.path}: some tasks cannot be recorded ({self.pickle_problem}); "
+                          "they will be computed again on a rerun", JournalWarning,
                           stacklevel=3)
 
     # ------------------------------------------------------------ the background thread
 
-    def start(self) -> None:
+    def start(self, setup: Callable[[], None] | None = None) -> None:
+        """Start the thread; ``setup``, if given, is its first job (a new journal's SQLite set-up)."""
         self._opened_at = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name=f"ipmtc-journal-{self.store.path.name}",
-                                        daemon=True)
+        if setup is not None:
+            self._set_up.clear()
+        self._thread = threading.Thread(target=self._run, args=(setup,),
+                                        name=f"ipmtc-journal-{self.store.path.name}", daemon=True)
         self._thread.start()
+
+    def wait_set_up(self) -> None:
+        """Return once the file is set up (at once unless the thread is still setting up a new journal)."""
+        self._set_up.wait()
+
+    def _do_set_up(self, setup: Callable[[], None]) -> None:
+        try:
+            with self.store.write_lock:
+                if not self._abandoned:
+                    setup()
+        except Exception as e:  # the map goes on; its end says the journal could not be written
+            self.error = e if isinstance(e, JournalError) else JournalError(
+                self.store.write_error_message(e, opening=False))
+            self.store.rollback()
+        finally:
+            self._set_up.set()
 
     def _pending(self) -> bool:
         return bool(self._values or self._chunks)
 
-    def _run(self) -> None:
+    def _run(self, setup: Callable[[], None] | None) -> None:
+        if setup is not None:
+            self._do_set_up(setup)
         while True:
             if not self._pending() and not self._stopping:
                 self._idle = True
@@ -164,7 +189,7 @@ class Writer:
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
-        self.write_safely()  # (also sets runs.ended)
+        self.write_safely()
         if self.error is None and self.store.conn is not None:
             try:
                 self._fold_on_close()
@@ -179,7 +204,8 @@ class Writer:
     # ------------------------------------------------------------ committing
 
     def write_pending(self) -> None:
-        """Commit the queued records as one inbox batch and each queued chunk as one more (one transaction)."""
+        """Commit the queued records as one batch and each queued chunk as one more, in one inbox row."""
+        self._set_up.wait()
         with self.store.write_lock:
             if self._abandoned:
                 return
@@ -243,23 +269,23 @@ class Writer:
             except Exception as e:
                 self.n_unrecorded += 1
                 if self.pickle_problem is None:
-                    self.pickle_problem = f"task {row[1]}: {type(e).__name__}: {e}"
+                    self.pickle_problem = f"task {row[1]}: its result cannot be pickled: {type(e).__name__}: {e}"
                 continue
             keep_rows.append(row)
             blobs.append(blob)
         return keep_rows, blobs
 
     def _commit(self, batches: list[Batch], total: int) -> None:
-        """One transaction: the batches into the inbox, this run's count; a failure is kept in :attr:`error`."""
-        now = time.time()
-        conn = self.store.writer()
+        """One inbox row holding every batch, in one statement (its own transaction): a failure is kept in
+        :attr:`error`.
+
+        One statement, not BEGIN, a row per batch and COMMIT: each statement hands the GIL back and
+        forth once, and on a busy node each hand-over can stall the dispatcher's thread.
+        """
+        blob = pickle.dumps([(rblob, vblob) for _, rblob, vblob in batches], protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.executemany("INSERT INTO inbox (run, recorded, n, rows, vals) VALUES (?, ?, ?, ?, ?)",
-                             [(self.store.run, now, k, rblob, vblob) for k, rblob, vblob in batches])
-            conn.execute("UPDATE runs SET recorded = recorded + ?, ended = ? WHERE run = ?",
-                         (total, now, self.store.run))
-            conn.execute("COMMIT")
+            self.store.writer().execute("INSERT INTO inbox (run, recorded, n, batches) VALUES (?, ?, ?, ?)",
+                                        (self.store.run, time.time(), total, blob))
         except sqlite3.Error as e:
             self.store.rollback()
             self.n_unrecorded += total
@@ -279,9 +305,9 @@ class Writer:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 for seq in seqs:
-                    run, recorded, rblob, vblob = conn.execute(
-                        "SELECT run, recorded, rows, vals FROM inbox WHERE seq = ?", (seq,)).fetchone()
-                    conn.executemany(_INSERT, _task_rows(rblob, vblob, run, recorded))
+                    run, recorded, blob = conn.execute(
+                        "SELECT run, recorded, batches FROM inbox WHERE seq = ?", (seq,)).fetchone()
+                    conn.executemany(_INSERT, inbox_rows(blob, run, recorded))
                 conn.execute("DELETE FROM inbox WHERE seq <= ?", (seqs[-1],))
                 conn.execute("COMMIT")
             except BaseException:
@@ -304,8 +330,6 @@ class Writer:
         elapsed = time.monotonic() - self._opened_at
         if pending <= MERGE_ALWAYS or pending * MERGE_COST_S <= MERGE_SHARE * elapsed:
             self.merge()
-        if not self.n_recorded:
-            conn.execute("UPDATE runs SET ended = ? WHERE run = ?", (time.time(), self.store.run))
 
     def compact(self) -> None:
         """Fold every committed batch in now (:meth:`Journal.compact`)."""

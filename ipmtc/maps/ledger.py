@@ -222,7 +222,7 @@ class Ledger:
         eid, node, pid = done.engine_id, done.node, done.pid
         skip: list[int] = []  # journal entries not to record (a duplicate that lost the race)
         over: dict[int, tuple[int, int]] = {}  # (attempts, resubmits) where not (1, 0)
-        for _, index, started, finished, value in done.entries:
+        for index, _, value, started, finished in done.entries:
             if self.is_finished(index):
                 skip.append(index)
                 continue
@@ -241,9 +241,8 @@ class Ledger:
                 self._charge(index, payload, eid, node, pid, started, finished, status)
             elif not (status == ABORTED and index in self.speculated):  # else its duplicate runs elsewhere
                 self.requeue([index], eid, status)  # aborted straggler / not run: back in line, uncharged
-        if done.entries and self.journal is not None:
-            self.journal.add_chunk(done.journal_blob or b"", len(done.entries) - len(skip), eid, node, pid,
-                                   skip, over)
+        if done.entries and done.journal_part is not None and self.journal is not None:
+            self.journal.add_chunk(done.journal_part, len(done.entries) - len(skip), eid, node, pid, skip, over)
 
     def _ok(self, index: int, value: Any, eid: int | None, node: str, pid: int, started: float,
             finished: float) -> TaskRecord:

@@ -265,42 +265,47 @@ def _run_forked(fn: Callable, tasks: list, star: bool, limits: _Limits, on_start
     return rows
 
 
-def _for_journal(prefix: bytes, tasks: list, rows: list[Row]) -> bytes:
-    """The journal's per-task work, done here: one pickle of (key, index, started, finished,
-    result) for the ok rows.
+def _for_journal(prefix: bytes, tasks: list, rows: list[Row]) -> tuple[bytes, bytes]:
+    """The journal's per-task work, done here: the ok rows' keys (:func:`~ipmtc.keys.pack_keys`), and
+    the ok rows themselves, each in one pickle.
 
     Those rows leave ``rows`` (the entries say all they said): a task crosses the
-    wire once, the driver unpickles a chunk's results in one call and stores these
-    bytes as they are (one journal batch per chunk). Rows left out (an input that
-    cannot be keyed, a result plain pickle cannot take) stay in ``rows`` and are
-    recorded by the driver the slow way.
+    wire once, the driver unpickles a chunk's results in one call and stores both
+    pickles as they are (one journal batch per chunk; it never unpickles the keys).
+    Rows left out (an input that cannot be keyed, a result plain pickle cannot
+    take) stay in ``rows`` and are recorded by the driver the slow way. One pass
+    each: this runs for every chunk of every journaled map.
     """
-    from ..keys import keys_for
+    from ..keys import pack_keys
 
+    ok = [row for row in rows if row[1] == OK]
+    rest = [row for row in rows if row[1] != OK] if len(ok) < len(rows) else []
     items = dict(tasks)
-    ok = [pos for pos, row in enumerate(rows) if row[1] == OK]
-    keys = keys_for(prefix, [items[rows[pos][0]] for pos in ok])
-    out = [(key, rows[pos][0], rows[pos][3], rows[pos][4], rows[pos][2]) for pos, key in zip(ok, keys)
-           if key is not None]
+    keys, bad = pack_keys(prefix, [items[row[0]] for row in ok])
+    if bad:  # the driver keys those, and says what is wrong
+        skip = set(bad)
+        rest += [row for pos, row in enumerate(ok) if pos in skip]
+        ok = [row for pos, row in enumerate(ok) if pos not in skip]
     dumps, proto = pickle.dumps, pickle.HIGHEST_PROTOCOL
     try:
-        blob = dumps(out, protocol=proto)
+        blob = dumps(ok, protocol=proto)
     except Exception:  # some result plain pickle cannot take: leave those to ipyparallel
-        keep = []
-        for entry in out:
+        good = []
+        for row in ok:
             try:
-                dumps(entry[4], protocol=proto)
-                keep.append(entry)
+                dumps(row[2], protocol=proto)
+                good.append(row)
             except Exception:
-                pass
-        out = keep
-        blob = dumps(out, protocol=proto)
-    sent = {entry[1] for entry in out}
-    rows[:] = [row for row in rows if row[1] != OK or row[0] not in sent]
-    return blob
+                rest.append(row)
+        ok = good
+        keys = pack_keys(prefix, [items[row[0]] for row in ok])[0]
+        blob = dumps(ok, protocol=proto)
+    rows[:] = rest
+    return keys, blob
 
 
-Chunk = tuple[str, int, list[Row], bytes | None]  # (node, pid, rows, journal part): what a chunk answers
+JournalPart = tuple[bytes, bytes]  # (the ok tasks' keys, their rows), pickled
+Chunk = tuple[str, int, list[Row], JournalPart | None]  # (node, pid, rows, journal part): what a chunk answers
 
 
 def run_chunk(spec: MapSpec, tasks: list, on_start: OnStart = None) -> Chunk:
@@ -308,7 +313,7 @@ def run_chunk(spec: MapSpec, tasks: list, on_start: OnStart = None) -> Chunk:
 
     With ``spec.publish_start`` each task's start is told to ``on_start`` (the channel's listener),
     or else through ipyparallel's data channel, for straggler detection. With
-    ``spec.journal_prefix`` the journal part is :func:`_for_journal`'s bytes; otherwise None.
+    ``spec.journal_prefix`` the journal part is :func:`_for_journal`'s pair; otherwise None.
     """
     node, pid = where()
     tell = (on_start or _publish_start) if spec.publish_start else None

@@ -55,8 +55,8 @@ class Completion:
     node: str = ""  # where it ran (with rows and entries)
     pid: int = 0
     rows: list[runner.Row] = field(default_factory=list)  # (index, status, payload, started, finished)
-    entries: list[tuple] = field(default_factory=list)  # ok tasks keyed for the journal, see runner
-    journal_blob: bytes | None = None  # ``entries`` as the engine pickled them (stored as they are)
+    entries: list[tuple] = field(default_factory=list)  # ok tasks sent for the journal, see runner
+    journal_part: tuple[bytes, bytes] | None = None  # their keys and ``entries`` as the engine pickled them
     lost: bool = False  # the engine or its listener went away: run again, uncharged
     crashed: bool = False  # (lost) its engine died: the crash rules apply (see .crashes)
     also_lost: list[list[int]] = field(default_factory=list)  # (crashed) the engine's other unanswered chunks
@@ -214,9 +214,9 @@ class Transport:
             # the chunk could not run at all (e.g. the function cannot be unpickled there)
             return Completion(eid, error={"ename": ename, "evalue": str(getattr(e, "evalue", e)),
                                           "traceback": getattr(e, "traceback", "") or ""})
-        # with a journal, the engine sent the ok tasks apart: (key, index, started, finished, result)
-        # in one pickle, ready to store; ``rows`` has the rest
-        entries = pickle.loads(blob) if blob else []
+        # with a journal, the engine sent the ok tasks apart: their keys in one pickle (stored, never
+        # unpickled here) and their rows in another; ``rows`` has the rest
+        entries = pickle.loads(blob[1]) if blob else []
         return Completion(eid, node, pid, rows, entries, blob)
 
     def engine_of(self, mid: str, chunk: Chunk) -> int | None:

@@ -99,7 +99,10 @@ def test_task_key_is_stable_and_distinguishes_function_and_input():
 
     assert function_id(functools.partial(square)) != function_id(functools.partial(cube))
     k = task_key(square, 7)
-    assert len(k) == 32 and int(k, 16) >= 0
+    assert k.endswith("=i7;") and len(k) == 12  # a short input is the key itself, after the function's tag
+    long_key = task_key(square, "x" * 40)  # a long (or unprintable) one is hashed: 128 bits, never an '='
+    assert len(long_key) == 32 and int(long_key, 16) >= 0
+    assert task_key(square, "a\n") != task_key(square, "a ") and "=" not in task_key(square, "a\n")
 
 
 def test_task_key_is_the_same_in_other_processes_whatever_the_hash_seed():
@@ -197,6 +200,13 @@ def test_engines_key_inputs_as_the_driver_does():
     assert J.keys_for(J.key_prefix(square), items) == [task_key(square, x) for x in items]
     assert len(set(J.keys_for(J.key_prefix(square), [1, True, 1.0]))) == 3
     assert J.keys_for(J.key_prefix(square), [lambda: 0]) == [None]  # cannot be keyed: the driver says why
+    # as the engines send them: small ints as they are (spelled out when read), else the keys
+    prefix = J.key_prefix(square)
+    for batch in ([0, 7, -3], [1, 10**30], [1, True], items):
+        blob, bad = J.pack_keys(prefix, batch)
+        assert J.unpack_keys(blob) == [task_key(square, x) for x in batch] and bad == []
+    blob, bad = J.pack_keys(prefix, [1, lambda: 0, "x"])
+    assert bad == [1] and J.unpack_keys(blob) == [task_key(square, 1), task_key(square, "x")]
 
 
 def test_chunks_pickled_by_engines_are_stored_as_they_came(tmp_path, monkeypatch):
@@ -249,7 +259,7 @@ def test_user_keys_and_group_commit_without_a_timer(tmp_path):
 
 def test_unpicklable_result_is_not_recorded(tmp_path):
     db = tmp_path / "run.db"
-    with pytest.warns(JournalWarning, match="cannot be pickled"):
+    with pytest.warns(JournalWarning, match="cannot be recorded .task .*: its result cannot be pickled"):
         with Journal.open(db, fn=square) as j:
             j.add(rec(1), 1)
             j.add(rec(2), lambda: 2)
@@ -339,6 +349,7 @@ HOLDER = textwrap.dedent("""
     from ipmtc.journal import Journal
     def square(x): return x * x
     j = Journal.open(sys.argv[1], fn=square)
+    j.flush()  # a new journal's file is set up by the writer thread: wait for it (a map's first commit does)
     print("locked", flush=True)
     time.sleep(60)
 """)
