@@ -150,13 +150,13 @@ def keys_for(prefix: bytes, items: list) -> list[str | None]:
 def pack_keys(prefix: bytes, items: list) -> tuple[bytes, list[int]]:
     """The keys of ``items`` as the engines send them: (pickled keys, positions of inputs that cannot be keyed).
 
-    Inputs that are all small ints (the commonest case: ``range(n)``) are sent as they
-    are, with the function's tag: the keys are spelled out only when the journal is
-    read (:func:`unpack_keys`), never on the map's way.
+    Inputs that are all ints (the commonest case: ``range(n)``) are sent as they
+    are, with ``prefix``: their keys are spelled out only when the journal is read
+    (:func:`unpack_keys`), never on the map's way.
     """
     dumps, proto = pickle.dumps, pickle.HIGHEST_PROTOCOL
-    if items and set(map(type, items)) == {int} and -10**25 < min(items) and max(items) < 10**25:
-        return dumps((_tag(prefix), items), protocol=proto), []
+    if items and set(map(type, items)) == {int}:
+        return dumps((prefix, items), protocol=proto), []
     keys = keys_for(prefix, items)
     bad = [pos for pos, key in enumerate(keys) if key is None]
     if bad:
@@ -167,7 +167,7 @@ def pack_keys(prefix: bytes, items: list) -> tuple[bytes, list[int]]:
 def unpack_keys(blob: bytes) -> list[str]:
     """The keys :func:`pack_keys` packed, spelled out."""
     keys = pickle.loads(blob)
-    if type(keys) is tuple:  # (tag, small ints)
-        tag, ints = keys
-        return list(map((tag + "=i%d;").__mod__, ints))
+    if type(keys) is tuple:  # (prefix, ints)
+        prefix, ints = keys
+        return keys_for(prefix, ints)  # type: ignore[return-value]  # an int can always be keyed
     return keys

@@ -7,7 +7,7 @@ background commits, the fold into the tasks table) and the
 """
 from __future__ import annotations
 
-import functools
+import contextlib
 import os
 import weakref
 from collections.abc import Callable, Iterator
@@ -25,12 +25,6 @@ if TYPE_CHECKING:
     import sqlite3
 
     from ..records import TaskRecord
-
-
-def _set_up(store: Store, context: dict[str, str]) -> None:
-    """Make a new (empty) journal file a journal: schema, this driver's run, the reader's connection."""
-    store.open_rw(context)
-    store.open_reader()
 
 
 def _let_go(store: Store, writer: Writer) -> None:
@@ -88,20 +82,15 @@ class Journal:
         store.function = function_id(fn)
         try:
             store.lock()
-            if store.create_empty():
-                # a new journal holds nothing to look up: its SQLite set-up (a few ms, two fsyncs) is the
-                # writer thread's first job, while the map starts; a failure there is the journal's .error
-                self._lookups.size_up(Contents(records=0, value_bytes=0, inbox=0))
-                self._writer.start(setup=functools.partial(_set_up, store, context or {}))
-                return self
-            contents = store.open_rw(context or {})
+            new = store.create_new(context or {})  # a new journal: written whole, nothing to look up
+            contents = Contents(records=0, value_bytes=0, inbox=0) if new else store.open_rw(context or {})
+            store.open_inbox()
             self._lookups.size_up(contents)
             self._writer.fold_on_open(contents.inbox, self._lookups.preload)
-            store.open_reader()
         except BaseException:
             self._finalizer()
             raise
-        self._writer.start()
+        self._writer.start(store.sync_new if new else None)  # (its fsync: the thread's first job)
         return self
 
     def close(self) -> None:
@@ -174,6 +163,21 @@ class Journal:
         self._writer.write_safely()
         self._writer.report()
 
+    @contextlib.contextmanager
+    def driven(self) -> Iterator[None]:
+        """While inside, the caller commits: it calls :meth:`flush` each time it has added what arrived.
+
+        A map's dispatcher does so after each batch of answers: the group commit then
+        happens in its own thread, between two waits, and the background thread only
+        fsyncs (each second) and commits what is left after ``flush_interval_s``. On a
+        busy node every wake-up of another thread can stall the map's loop.
+        """
+        self._writer.driven = True
+        try:
+            yield
+        finally:
+            self._writer.driven = False
+
     def compact(self) -> None:
         """Fold every committed batch into the ``tasks`` table now (for queries with plain SQL)."""
         if self._closed or self.readonly:
@@ -202,7 +206,6 @@ class Journal:
     @property
     def run(self) -> int | None:
         """This driver's run number (``runs.run``) when opened for writing."""
-        self._writer.wait_set_up()
         return self._store.run
 
     @property
@@ -258,19 +261,18 @@ class Journal:
     # ------------------------------------------------------------ reading (ipmtc journal show, report)
 
     def _reader(self) -> sqlite3.Connection:
-        self._writer.wait_set_up()
         return self._store.reader()
 
     def meta(self) -> dict[str, str]:
         return reader.meta(self._reader())
 
     def runs(self) -> list[dict[str, Any]]:
-        return reader.runs(self._reader())
+        return reader.runs(self._reader(), self._store.inbox_path)
 
     def counts(self) -> dict[str, int]:
         """Recorded tasks by outcome."""
-        return reader.counts(self._reader())
+        return reader.counts(self._reader(), self._store.inbox_path)
 
     def rows(self, *, failed_only: bool = False, values: bool = False) -> Iterator[dict[str, Any]]:
         """Every recorded task as a dict (by run, then input position); optionally only failed ones, with results."""
-        yield from reader.rows(self._reader(), failed_only=failed_only, values=values)
+        yield from reader.rows(self._reader(), self._store.inbox_path, failed_only=failed_only, values=values)

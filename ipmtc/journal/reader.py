@@ -10,11 +10,13 @@ import pickle
 import sqlite3
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, cast
 
 from ..errors import JournalWarning
 from ..keys import unpack_keys
 from ..outcomes import OK
+from . import inbox
 from .store import _COLUMNS, Contents, Store
 
 PRELOAD_MAX_ROWS = 2_000_000  # lookups read the whole journal into memory at once up to this size,
@@ -49,10 +51,11 @@ def _task_rows(rblob: bytes, vblob: bytes | None, run: int, recorded: float, val
     return [row + (blob, run, recorded) for row, blob in zip(rows, pickle.loads(vblob))]
 
 
-def inbox_rows(blob: bytes, run: int, recorded: float, values: bool = True) -> list[Row]:
-    """Rows of the tasks table from one inbox row (one commit: its batches, pickled as a list)."""
+def inbox_rows(batches: list[tuple[bytes, bytes | None]], run: int, recorded: float,
+               values: bool = True) -> list[Row]:
+    """Rows of the tasks table from one inbox record (one commit: its batches)."""
     out: list[Row] = []
-    for rblob, vblob in pickle.loads(blob):
+    for rblob, vblob in batches:
         out += _task_rows(rblob, vblob, run, recorded, values)
     return out
 
@@ -138,8 +141,8 @@ class Lookups:
         conn = self.store.reader()
         index = {row[0]: row[1:] for row in conn.execute(
             "SELECT key, outcome, attempts, engine_id, host, pid, started, finished, error, value FROM tasks")}
-        for run, recorded, blob in conn.execute("SELECT run, recorded, batches FROM inbox ORDER BY seq"):
-            for row in inbox_rows(blob, run, recorded):
+        for run, recorded, _, batches in inbox.records(self.store.inbox_path):
+            for row in inbox_rows(batches, run, recorded):
                 # (key, idx, outcome, attempts, resubmits, engine_id, host, pid, started, finished, error, value, ..)
                 index[row[0]] = (row[2], row[3], row[5], row[6], row[7], row[8], row[9], row[10], row[11])
         return index
@@ -152,7 +155,7 @@ def meta(conn: sqlite3.Connection) -> dict[str, str]:
     return dict(conn.execute("SELECT name, value FROM meta"))
 
 
-def runs(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+def runs(conn: sqlite3.Connection, inbox_path: Path) -> list[dict[str, Any]]:
     """The drivers that opened the journal: run, started, host, pid, and what each recorded (``recorded``
     tasks, the last commit ``ended``; worked out here so that no commit has to update the runs table)."""
     cur = conn.execute("SELECT run, started, host, pid FROM runs ORDER BY run")
@@ -160,7 +163,7 @@ def runs(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     out = [dict(zip(cols, r), recorded=0, ended=None) for r in cur.fetchall()]
     by_run = {r["run"]: r for r in out}
     for run, n, last in [*conn.execute("SELECT run, count(*), max(recorded) FROM tasks GROUP BY run"),
-                         *conn.execute("SELECT run, sum(n), max(recorded) FROM inbox GROUP BY run")]:
+                         *((run, n, rec) for run, rec, n, _ in inbox.records(inbox_path))]:
         if run in by_run:
             r = by_run[run]
             r["recorded"] += n
@@ -168,34 +171,35 @@ def runs(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     return out
 
 
-def _inbox(conn: sqlite3.Connection, values: bool) -> dict[str, Row]:
-    """Committed records not merged yet: key -> full task row (the latest batch wins)."""
+def _inbox(inbox_path: Path, values: bool) -> dict[str, Row]:
+    """Committed records not folded yet: key -> full task row (the latest batch wins)."""
     latest: dict[str, Row] = {}
-    for run, recorded, blob in conn.execute("SELECT run, recorded, batches FROM inbox ORDER BY seq"):
-        for row in inbox_rows(blob, run, recorded, values):
+    for run, recorded, _, batches in inbox.records(inbox_path):
+        for row in inbox_rows(batches, run, recorded, values):
             latest[row[0]] = row
     return latest
 
 
-def counts(conn: sqlite3.Connection) -> dict[str, int]:
+def counts(conn: sqlite3.Connection, inbox_path: Path) -> dict[str, int]:
     """Recorded tasks by outcome."""
     by_outcome: dict[str, int] = dict(conn.execute("SELECT outcome, count(*) FROM tasks GROUP BY outcome"))
-    inbox = _inbox(conn, values=False)
-    if inbox:
-        keys = list(inbox)
+    unfolded = _inbox(inbox_path, values=False)
+    if unfolded:
+        keys = list(unfolded)
         for i in range(0, len(keys), 500):  # rows the inbox replaces
             part = keys[i:i + 500]
             for (outcome,) in conn.execute(
                     f"SELECT outcome FROM tasks WHERE key IN ({','.join('?' * len(part))})", part):
                 by_outcome[outcome] -= 1
-        for row in inbox.values():
+        for row in unfolded.values():
             by_outcome[row[2]] = by_outcome.get(row[2], 0) + 1
     return {k: v for k, v in sorted(by_outcome.items()) if v}
 
 
-def rows(conn: sqlite3.Connection, *, failed_only: bool = False, values: bool = False) -> Iterator[dict[str, Any]]:
+def rows(conn: sqlite3.Connection, inbox_path: Path, *, failed_only: bool = False,
+         values: bool = False) -> Iterator[dict[str, Any]]:
     """Every recorded task as a dict (by run, then input position); optionally only failed ones, with results."""
-    inbox = _inbox(conn, values=values)
+    unfolded = _inbox(inbox_path, values=values)
     cols = [c if values or c != "value" else "NULL" for c in _COLUMNS]
     sql = f"SELECT {', '.join(cols)} FROM tasks"
     params: tuple[str, ...] = ()
@@ -204,9 +208,9 @@ def rows(conn: sqlite3.Connection, *, failed_only: bool = False, values: bool = 
         params = (OK,)
     sql += " ORDER BY run, idx"
     for r in conn.execute(sql, params):
-        if r[0] not in inbox:
+        if r[0] not in unfolded:
             yield _as_dict(r, values)
-    for r in sorted(inbox.values(), key=lambda r: (r[12] or 0, r[1] if r[1] is not None else -1)):
+    for r in sorted(unfolded.values(), key=lambda r: (r[12] or 0, r[1] if r[1] is not None else -1)):
         if not failed_only or r[2] != OK:
             yield _as_dict(r, values)
 

@@ -1,10 +1,11 @@
 """The journal file: its schema, creating, opening and checking it, the driver's lock, its connections.
 
-Everything here is about the file itself: which SQLite tables it holds, whether a
-file is a journal this version can use (and of the same function and context), the
-``flock`` on ``<journal>.lock`` that lets one driver own it, the two connections
-(writer and reader) and the one-line messages for a file that cannot be used.
-What goes into the tables is :mod:`.writer`'s business, what comes out :mod:`.reader`'s.
+Everything here is about the files themselves: which SQLite tables the journal
+holds, whether a file is a journal this version can use (and of the same function
+and context), the ``flock`` on ``<journal>.lock`` that lets one driver own it, its
+inbox (:mod:`.inbox`), the two connections (writer and reader, opened when first
+needed) and the one-line messages for a file that cannot be used. What goes into
+the tables is :mod:`.writer`'s business, what comes out :mod:`.reader`'s.
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import JournalError, JournalWarning
+from . import inbox
+from .inbox import Inbox
 
-SCHEMA_VERSION = 2  # 2: short inputs keyed as they are (keys.py); an inbox row per commit; runs' counts derived
+SCHEMA_VERSION = 2  # 2: short inputs keyed as they are (keys.py); the inbox a file of its own (inbox.py)
 APPLICATION = "ipmtc-journal"
 
 # stored as it is in sqlite_master: keep the text unchanged within a SCHEMA_VERSION
@@ -41,8 +44,6 @@ CREATE TABLE tasks (
     run INTEGER,               -- runs.run of the driver that recorded it
     recorded REAL              -- epoch seconds of the commit
 );
--- commits not yet folded into tasks: one row per commit, its batches pickled as one list
-CREATE TABLE inbox (seq INTEGER PRIMARY KEY, run INTEGER, recorded REAL, n INTEGER, batches BLOB);
 """
 _COLUMNS = ("key", "idx", "outcome", "attempts", "resubmits", "engine_id", "host", "pid", "started",
             "finished", "error", "value", "run", "recorded")
@@ -54,7 +55,7 @@ class Contents:
     """What a journal held when it was opened for writing."""
 
     records: int  # records in the tasks table and the inbox together
-    value_bytes: int  # bytes of stored results (both tables)
+    value_bytes: int  # bytes of stored results (both)
     inbox: int  # records in the inbox (not folded into the tasks table yet)
 
 
@@ -95,6 +96,18 @@ def _close(conn: sqlite3.Connection) -> None:
         pass
 
 
+def _finish(box: Inbox | None, conn: sqlite3.Connection | None) -> None:
+    """A released journal's last steps: the inbox synced and closed, the writer's connection closed."""
+    if box is not None:
+        try:
+            box.sync()
+        except OSError:
+            pass  # in the kernel already: only a node crash could lose it
+        box.close()
+    if conn is not None:
+        _close(conn)
+
+
 class Store:
     """One journal file: its lock, its connections, and the checks that let a map use it.
 
@@ -109,6 +122,9 @@ class Store:
         self.conn: sqlite3.Connection | None = None
         self.rconn: sqlite3.Connection | None = None
         self.lock_fd: int | None = None
+        self.inbox_path = inbox.inbox_path(path)
+        self.inbox: Inbox | None = None  # open for appending while this driver holds the lock
+        self.writable = False  # opened for writing and not released: connections may be opened
         # one writer at a time on conn; release() waits for a commit in flight (reentrant: a release from
         # a garbage collection in the middle of a write in the same thread must not deadlock)
         self.write_lock = threading.RLock()
@@ -124,7 +140,7 @@ class Store:
             raise JournalError(f"cannot create journal {p}: directory {p.parent} does not exist")
         lock_path = Path(f"{p}.lock")
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)  # (who holds it)
         except OSError as e:
             raise JournalError(f"cannot create the journal lock file {lock_path} ({e.strerror}): the journal's "
                                "directory must be writable; pick another journal path") from None
@@ -148,39 +164,81 @@ class Store:
             pass
 
     def release(self) -> None:
-        """Close both connections and let go of the lock. Never commits; idempotent.
+        """Close both connections and the inbox, let go of the lock. Never commits; idempotent.
 
-        Waits for a commit in flight on the writer's connection (the background
-        thread's), never starts one.
+        Waits for a commit in flight (the background thread's), never starts one.
         """
         with self.write_lock:
+            self.writable = False
             if self.rconn is not None:
                 _close(self.rconn)  # not the last connection: quick
-            wconn, self.rconn, self.conn = self.conn, None, None
-        if wconn is not None:
-            # the last connection's close copies the WAL into the file (a checkpoint, with fsyncs): a few ms
-            # at the end of every map that nothing waits on. Every commit is durable already, and nothing
-            # else can reach this connection any more, so a thread of its own closes it (joined at exit)
-            threading.Thread(target=_close, args=(wconn,), name=f"ipmtc-journal-close-{self.path.name}").start()
+            wconn, box, self.rconn, self.conn, self.inbox = self.conn, self.inbox, None, None, None
+        if wconn is not None or box is not None:
+            # the inbox's fsync and the last connection's close (a WAL checkpoint) take a few ms at the end
+            # of every map that nothing waits on: what was committed is in the kernel already, and nothing
+            # else can reach these any more, so a thread of their own finishes them (joined at exit)
+            threading.Thread(target=_finish, args=(box, wconn), name=f"ipmtc-journal-close-{self.path.name}").start()
         if self.lock_fd is not None:
             os.close(self.lock_fd)  # releases the flock
             self.lock_fd = None
 
-    def create_empty(self) -> bool:
-        """Create the journal as an empty file (an empty SQLite database), private from the first byte.
+    def create_new(self, context: dict[str, str]) -> bool:
+        """Create the journal if there is no file at its path: True if this call made it.
 
-        True if this call made it (a new journal: nothing to look up, so SQLite may set it up while the
-        map already runs), False if it was there. Call with the lock held. SQLite makes the ``-wal`` and
-        ``-shm`` files with this file's mode.
+        The file is written whole from an image built in memory (schema, meta, this
+        driver's run; WAL mode), private from the first byte (0600, ``O_EXCL``,
+        ``O_NOFOLLOW``): no SQLite connection to the file and no fsync on the map's
+        path (:meth:`sync_new` does that later). SQLite makes the ``-wal`` and
+        ``-shm`` files with this file's mode. Call with the lock held.
         """
+        if not hasattr(sqlite3.Connection, "serialize"):  # Python < 3.11: open_rw creates it
+            return False
+        image = self._image(context)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except FileExistsError:
             return False
         except OSError as e:
             raise JournalError(self.write_error_message(e, opening=True)) from None
+        try:
+            os.write(fd, image)
+        except OSError as e:
+            os.close(fd)
+            os.unlink(self.path)
+            raise JournalError(self.write_error_message(e, opening=True)) from None
         os.close(fd)
+        self.run = 1
+        self.writable = True
         return True
+
+    def _image(self, context: dict[str, str]) -> bytes:
+        conn = sqlite3.connect(":memory:", isolation_level=None)
+        try:
+            now = time.time()
+            self._create(conn, context, now)
+            conn.execute("INSERT INTO runs (run, started, host, pid) VALUES (1, ?, ?, ?)",
+                         (now, socket.gethostname(), os.getpid()))
+            image = bytearray(conn.serialize())  # type: ignore[attr-defined]  # 3.11+: create_new checks
+        finally:
+            conn.close()
+        image[18] = image[19] = 2  # the file format's read and write versions: 2 is WAL mode
+        return bytes(image)
+
+    def sync_new(self) -> None:
+        """fsync a file :meth:`create_new` made, and its directory (the writer thread's first job)."""
+        for path, flags in ((self.path, os.O_RDONLY), (self.path.parent, os.O_RDONLY | os.O_DIRECTORY)):
+            fd = os.open(path, flags | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def open_inbox(self) -> None:
+        """Open the inbox for appending (cutting off a record a crash cut short). Call with the lock held."""
+        try:
+            self.inbox = Inbox(self.inbox_path)
+        except OSError as e:
+            raise JournalError(self.write_error_message(e, opening=True)) from None
 
     # ------------------------------------------------------------ connections
 
@@ -189,16 +247,28 @@ class Store:
                                isolation_level=None, check_same_thread=False, timeout=10.0)
 
     def writer(self) -> sqlite3.Connection:
-        """The writer's connection (held under ``write_lock``)."""
+        """The writer's connection (held under ``write_lock``; opened when first needed)."""
         if self.conn is None:
-            raise JournalError(f"journal {self.path} is closed")
+            if not self.writable:
+                raise JournalError(f"journal {self.path} is closed")
+            self.conn = self._connect_rw()
         return self.conn
 
     def reader(self) -> sqlite3.Connection:
-        """The reader's connection."""
+        """The reader's connection (opened when first needed)."""
         if self.rconn is None:
-            raise JournalError(f"journal {self.path} is closed")
+            if not self.writable:
+                raise JournalError(f"journal {self.path} is closed")
+            self.rconn = self._connect_rw()
         return self.rconn
+
+    def _connect_rw(self) -> sqlite3.Connection:
+        try:
+            conn = self.connect()
+            conn.execute("PRAGMA synchronous = FULL")
+        except sqlite3.Error as e:
+            raise JournalError(self.write_error_message(e, opening=False)) from None
+        return conn
 
     def rollback(self) -> None:
         try:
@@ -234,22 +304,15 @@ class Store:
                 warnings.warn(f"journal {p}: SQLite refused WAL mode (got {mode}); writes are slower",
                               JournalWarning, stacklevel=3)
             n_tasks, b_tasks = conn.execute("SELECT count(*), coalesce(sum(length(value)), 0) FROM tasks").fetchone()
-            n_inbox, b_inbox = conn.execute("SELECT coalesce(sum(n), 0), coalesce(sum(length(batches)), 0) "
-                                            "FROM inbox").fetchone()
+            n_inbox, b_inbox = inbox.size(self.inbox_path)
         except JournalError:
             self.rollback()
             raise
         except sqlite3.Error as e:
             self.rollback()
             raise JournalError(self.write_error_message(e, opening=True)) from None
+        self.writable = True
         return Contents(records=n_tasks + n_inbox, value_bytes=b_tasks + b_inbox, inbox=n_inbox)
-
-    def open_reader(self) -> None:
-        """Open the reader's connection of a journal opened for writing."""
-        try:
-            self.rconn = self.connect()
-        except sqlite3.Error as e:
-            raise JournalError(self.write_error_message(e, opening=True)) from None
 
     def _create(self, conn: sqlite3.Connection, context: dict[str, str], now: float) -> None:
         for stmt in _SCHEMA.split(";"):
@@ -323,7 +386,7 @@ class Store:
             raise JournalError(f"journal {p} was written in journal format version {version} (by ipmtc "
                                f"{meta.get('ipmtc_version', '?')}); this ipmtc reads version {SCHEMA_VERSION} only: "
                                "use the ipmtc version that wrote it, or a new journal path")
-        if not {"tasks", "runs", "inbox"} <= tables:
+        if not {"tasks", "runs"} <= tables:
             raise JournalError(f"journal {p} is damaged (tables missing); use a new journal path")
         return meta
 

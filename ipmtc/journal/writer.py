@@ -1,12 +1,14 @@
 """Recording finished tasks: queued in memory, committed in batches, folded into the tasks table.
 
 The dispatcher's thread only queues (:meth:`Writer.add`, :meth:`Writer.add_chunk`);
-a background thread commits what is queued as one row of the ``inbox`` table, one
-statement per commit -- a *group commit*: whenever the thread is idle, what
-was queued meanwhile is committed at once, so a finished task is durable a few
-milliseconds after the driver received it (the time of one commit), and tasks
-that arrive during a commit share the next one. A driver SIGKILLed at any
-moment therefore loses only what arrived during the last commit.
+a background thread commits what is queued as one record of the inbox file
+(:mod:`.inbox`), one ``write()`` per commit -- a *group commit*: whenever the
+thread is idle, what was queued meanwhile is committed at once, so a finished
+task is in the kernel a fraction of a millisecond after the driver received it,
+and tasks that arrive during a commit share the next one. A driver SIGKILLed at
+any moment therefore loses only what arrived during the last commit. The thread
+fsyncs the inbox at most every second (and the journal's release does at the
+end), so a crash of the node loses at most that second.
 :meth:`Writer.merge` folds the inbox into the ``tasks`` table: when the journal is
 opened or closed (unless that would add noticeably to a very short map) and in
 :meth:`~ipmtc.journal.Journal.compact`.
@@ -30,6 +32,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import JournalError, JournalWarning
 from ..outcomes import OK
+from . import inbox
+from .inbox import SYNC_INTERVAL_S
 from .reader import Row, inbox_rows
 from .store import _INSERT, Store
 
@@ -70,9 +74,12 @@ class Writer:
         self._items: deque[tuple[Any, Callable[[Any], str] | None]] = deque()  # inputs of records the writer keys
         self._opened_at = 0.0
         self._wake = threading.Event()
-        self._set_up = threading.Event()  # cleared while the thread sets up a new journal's file
-        self._set_up.set()
+        self.unfolded = 0  # tasks in the inbox (not folded into the tasks table)
+        self._synced_at = 0.0
         self._idle = False  # the thread waits for work: the next add wakes it (group commit)
+        # a map's dispatcher commits itself each time its loop has taken answers in (see Journal.driven):
+        # an add then does not wake the thread, whose every wake-up would take the GIL from the map's loop
+        self.driven = False
         self._stopping = False  # close(): write what is queued, then end
         self._abandoned = False  # the journal was collected unclosed: end without writing
         self._thread: threading.Thread | None = None
@@ -91,7 +98,7 @@ class Writer:
         self._records.append(rec)
         q = self._values
         q.append(value)
-        if self._idle:  # read after the append: the thread re-checks the queues after going idle
+        if self._idle and not self.driven:  # read after the append: the thread re-checks after going idle
             self._idle = False
             self._wake.set()
         elif len(q) >= MAX_PENDING:  # the writer lags far behind: write here (back-pressure)
@@ -107,7 +114,7 @@ class Writer:
         head = {"chunk": 1, "engine_id": engine_id, "host": host, "pid": pid, "skip": skip, "over": overrides,
                 "keys": keys}
         self._chunks.append((head, entries, n))
-        if self._idle:
+        if self._idle and not self.driven:
             self._idle = False
             self._wake.set()
 
@@ -129,59 +136,60 @@ class Writer:
 
     # ------------------------------------------------------------ the background thread
 
-    def start(self, setup: Callable[[], None] | None = None) -> None:
-        """Start the thread; ``setup``, if given, is its first job (a new journal's SQLite set-up)."""
-        self._opened_at = time.monotonic()
-        if setup is not None:
-            self._set_up.clear()
-        self._thread = threading.Thread(target=self._run, args=(setup,),
+    def start(self, first: Callable[[], None] | None = None) -> None:
+        """Start the thread; ``first``, if given, is its first job (a new journal's fsync)."""
+        self._opened_at = self._synced_at = time.monotonic()
+        self._thread = threading.Thread(target=self._run, args=(first,),
                                         name=f"ipmtc-journal-{self.store.path.name}", daemon=True)
         self._thread.start()
-
-    def wait_set_up(self) -> None:
-        """Return once the file is set up (at once unless the thread is still setting up a new journal)."""
-        self._set_up.wait()
-
-    def _do_set_up(self, setup: Callable[[], None]) -> None:
-        try:
-            with self.store.write_lock:
-                if not self._abandoned:
-                    setup()
-        except Exception as e:  # the map goes on; its end says the journal could not be written
-            self.error = e if isinstance(e, JournalError) else JournalError(
-                self.store.write_error_message(e, opening=False))
-            self.store.rollback()
-        finally:
-            self._set_up.set()
 
     def _pending(self) -> bool:
         return bool(self._values or self._chunks)
 
-    def _run(self, setup: Callable[[], None] | None) -> None:
-        if setup is not None:
-            self._do_set_up(setup)
+    def _run(self, first: Callable[[], None] | None) -> None:
+        if first is not None:
+            self._guarded(first)
         while True:
             if not self._pending() and not self._stopping:
                 self._idle = True
-                if not self._pending():  # an add between the check and idle=True saw idle=False
-                    self._wake.wait(self.flush_interval_s)
+                if not self._pending() or self.driven:  # an add between the check and idle=True saw idle=False
+                    self._wake.wait(self._sleep_s())
                 self._idle = False
                 self._wake.clear()
             if self._abandoned:
                 return
             stopping = self._stopping
             self.write_safely()
+            if time.monotonic() - self._synced_at >= SYNC_INTERVAL_S:
+                self._guarded(self._sync)
             if stopping:
                 return
 
-    def write_safely(self) -> None:
-        """:meth:`write_pending`, any failure kept in :attr:`error` (the map goes on; never raises)."""
+    def _sleep_s(self) -> float:
+        """How long the idle thread may wait: until the next fsync is due, if one is."""
+        box = self.store.inbox
+        if box is not None and box.dirty:
+            return max(0.0, self._synced_at + SYNC_INTERVAL_S - time.monotonic())
+        return self.flush_interval_s
+
+    def _sync(self) -> None:
+        with self.store.write_lock:  # (release() hands the file to another thread under this lock)
+            self._synced_at = time.monotonic()
+            if self.store.inbox is not None and not self._abandoned:
+                self.store.inbox.sync()
+
+    def _guarded(self, job: Callable[[], None]) -> None:
+        """Run ``job``; a failure becomes :attr:`error` (the map goes on; its end says so)."""
         try:
-            self.write_pending()
+            job()
         except Exception as e:
             if self.error is None:
                 self.error = e if isinstance(e, JournalError) else JournalError(
                     self.store.write_error_message(e, opening=False, recorded=self.n_recorded))
+
+    def write_safely(self) -> None:
+        """:meth:`write_pending`, any failure kept in :attr:`error` (the map goes on; never raises)."""
+        self._guarded(self.write_pending)
 
     def finish(self) -> None:
         """Stop the thread, commit what is queued, fold the inbox in (unless too costly now), end the run."""
@@ -190,7 +198,7 @@ class Writer:
         if self._thread is not None:
             self._thread.join()
         self.write_safely()
-        if self.error is None and self.store.conn is not None:
+        if self.error is None:
             try:
                 self._fold_on_close()
             except Exception:
@@ -204,8 +212,7 @@ class Writer:
     # ------------------------------------------------------------ committing
 
     def write_pending(self) -> None:
-        """Commit the queued records as one batch and each queued chunk as one more, in one inbox row."""
-        self._set_up.wait()
+        """Commit the queued records as one batch and each queued chunk as one more, in one inbox record."""
         with self.store.write_lock:
             if self._abandoned:
                 return
@@ -276,64 +283,62 @@ class Writer:
         return keep_rows, blobs
 
     def _commit(self, batches: list[Batch], total: int) -> None:
-        """One inbox row holding every batch, in one statement (its own transaction): a failure is kept in
-        :attr:`error`.
-
-        One statement, not BEGIN, a row per batch and COMMIT: each statement hands the GIL back and
-        forth once, and on a busy node each hand-over can stall the dispatcher's thread.
-        """
-        blob = pickle.dumps([(rblob, vblob) for _, rblob, vblob in batches], protocol=pickle.HIGHEST_PROTOCOL)
+        """One inbox record holding every batch (one ``write()``); a failure is kept in :attr:`error`."""
+        box = self.store.inbox
         try:
-            self.store.writer().execute("INSERT INTO inbox (run, recorded, n, batches) VALUES (?, ?, ?, ?)",
-                                        (self.store.run, time.time(), total, blob))
-        except sqlite3.Error as e:
-            self.store.rollback()
+            if box is None:
+                raise JournalError(f"journal {self.store.path} is closed")
+            box.append(cast(int, self.store.run), time.time(), total, [(r, v) for _, r, v in batches])
+        except (OSError, JournalError) as e:
             self.n_unrecorded += total
-            self.error = JournalError(self.store.write_error_message(e, opening=False, recorded=self.n_recorded))
+            self.error = e if isinstance(e, JournalError) else JournalError(
+                self.store.write_error_message(e, opening=False, recorded=self.n_recorded))
             return
         self.n_recorded += total
+        self.unfolded += total
 
     # ------------------------------------------------------------ folding the inbox into the tasks table
 
     def merge(self) -> None:
-        """Fold the inbox into the tasks table (one transaction: all of it or nothing, in batch order)."""
+        """Fold the inbox into the tasks table (one transaction: all of it or nothing, oldest first), then
+        empty the inbox (a crash in between folds the same records again: no change)."""
         with self.store.write_lock:
-            conn = self.store.writer()
-            seqs = [r[0] for r in conn.execute("SELECT seq FROM inbox ORDER BY seq")]
-            if not seqs:
-                return
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for seq in seqs:
-                    run, recorded, blob = conn.execute(
-                        "SELECT run, recorded, batches FROM inbox WHERE seq = ?", (seq,)).fetchone()
-                    conn.executemany(_INSERT, inbox_rows(blob, run, recorded))
-                conn.execute("DELETE FROM inbox WHERE seq <= ?", (seqs[-1],))
-                conn.execute("COMMIT")
-            except BaseException:
-                self.store.rollback()
-                raise
+            recs = list(inbox.records(self.store.inbox_path))
+            if recs:
+                conn = self.store.writer()
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for run, recorded, _, batches in recs:
+                        conn.executemany(_INSERT, inbox_rows(batches, run, recorded))
+                    conn.execute("COMMIT")
+                except BaseException:
+                    self.store.rollback()
+                    raise
+            if self.store.inbox is not None:
+                self.store.inbox.empty()
+            self.unfolded = 0
 
-    def fold_on_open(self, inbox: int, preload: bool) -> None:
-        """At open: fold ``inbox`` records in when lookups go task by task (they read the tasks table only)."""
-        if inbox and (not preload or inbox <= MERGE_ALWAYS):
+    def fold_on_open(self, unfolded: int, preload: bool) -> None:
+        """At open: fold the inbox's ``unfolded`` records in when lookups go task by task (they read the
+        tasks table only) or when there are few."""
+        self.unfolded = unfolded
+        if unfolded and (not preload or unfolded <= MERGE_ALWAYS):
             try:
                 self.merge()
-            except sqlite3.Error as e:
+            except (sqlite3.Error, OSError) as e:
                 raise JournalError(self.store.write_error_message(e, opening=True)) from None
 
     def _fold_on_close(self) -> None:
         # fold the batches into the tasks table, unless that would add noticeably to a very short map's
         # time (a later open or close does it then)
-        conn = self.store.writer()
-        pending = conn.execute("SELECT coalesce(sum(n), 0) FROM inbox").fetchone()[0]
+        pending = self.unfolded
         elapsed = time.monotonic() - self._opened_at
-        if pending <= MERGE_ALWAYS or pending * MERGE_COST_S <= MERGE_SHARE * elapsed:
+        if pending and (pending <= MERGE_ALWAYS or pending * MERGE_COST_S <= MERGE_SHARE * elapsed):
             self.merge()
 
     def compact(self) -> None:
         """Fold every committed batch in now (:meth:`Journal.compact`)."""
         try:
             self.merge()
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OSError) as e:
             raise JournalError(self.store.write_error_message(e, opening=False, recorded=self.n_recorded)) from None

@@ -17,6 +17,7 @@ result. Results flow one way: engines -> transport -> ledger -> result.
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import time
 from collections.abc import Iterator
@@ -87,18 +88,20 @@ class Dispatcher:
         """The map's loop: hand out, settle answers, supervise; yields after each round."""
         self.ledger.res.started_at = time.time()
         self.bar.open()
-        try:
-            self.transport.open(self.placement.engines)
-            while True:
-                self._fill()
-                if not self.transport.inflight and not self.ledger.has_work():
-                    break
-                self._drain_completions(timeout=0.05)
-                self._supervise()
+        # with a journal, this loop commits what each round took in (_drain_completions)
+        with self.journal.driven() if self.journal is not None else contextlib.nullcontext():
+            try:
+                self.transport.open(self.placement.engines)
+                while True:
+                    self._fill()
+                    if not self.transport.inflight and not self.ledger.has_work():
+                        break
+                    self._drain_completions(timeout=0.05)
+                    self._supervise()
+                    yield
                 yield
-            yield
-        finally:
-            self._cleanup()
+            finally:
+                self._cleanup()
 
     def _cleanup(self) -> None:
         """The map's end, also on an error: nothing here may raise over the error or lose a result."""
@@ -153,11 +156,18 @@ class Dispatcher:
     # ------------------------------------------------------------ answers
 
     def _drain_completions(self, timeout: float) -> None:
-        """Settle every answered chunk, waiting up to ``timeout`` for the first."""
+        """Settle every answered chunk, waiting up to ``timeout`` for the first; commit them to the journal."""
         try:
             mid = self.done_q.get(timeout=timeout)
         except queue.Empty:
             return
+        try:
+            self._settle_answers(mid)
+        finally:
+            if self.journal is not None:  # the group commit: what this round took in, one write (never raises)
+                self.journal.flush()
+
+    def _settle_answers(self, mid: str) -> None:
         while True:
             answered = self.transport.complete(mid)
             if answered is not None:

@@ -19,6 +19,7 @@ import textwrap
 import threading
 import time
 import weakref
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -38,6 +39,7 @@ from ipmtc.commands import (
 from ipmtc.errors import IpmtcError, JournalError
 from ipmtc.journal import Journal, JournalWarning, function_id, key_for, key_function, task_key
 from ipmtc.journal import reader as journal_reader
+from ipmtc.journal import inbox as journal_inbox
 from ipmtc.journal import writer as journal_writer
 from ipmtc.maps.result import TaskRecord
 
@@ -60,6 +62,11 @@ def main_square(x):
 
 
 main_square.__module__, main_square.__qualname__ = "__main__", "square"  # what a script's square() is
+
+
+def unfolded(db) -> int:
+    """Tasks in the journal's inbox file (committed, not folded into the tasks table)."""
+    return journal_inbox.size(journal_inbox.inbox_path(Path(db)))[0]
 
 
 def rec(i: int, fn=square, outcome: str = "ok", error: str | None = None, key: str | None = None) -> TaskRecord:
@@ -156,7 +163,7 @@ def test_roundtrip_reopen_and_failed_tasks(tmp_path):
         r.close()
     con = sqlite3.connect(db)  # after a normal close everything is in the tasks table, one row per key
     assert con.execute("SELECT count(*), count(DISTINCT key) FROM tasks").fetchone() == (51, 51)
-    assert con.execute("SELECT count(*) FROM inbox").fetchone() == (0,)
+    assert unfolded(db) == 0
     assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     con.close()
 
@@ -168,9 +175,7 @@ def test_unmerged_inbox_is_read_everywhere(tmp_path, monkeypatch):
     monkeypatch.setattr(journal_writer, "MERGE_COST_S", 1.0)  # 'folding costs too much': leave it to the next open
     with Journal.open(db, fn=square) as j:
         fill(j, 300, fail_every=100)
-    con = sqlite3.connect(db)
-    assert con.execute("SELECT count(*), coalesce(sum(n), 0) FROM (SELECT n FROM inbox)").fetchone()[1] == 300
-    con.close()
+    assert unfolded(db) == 300
     r = Journal.open(db, readonly=True)
     assert r.counts() == {"ok": 297, "raised": 3}
     assert len(list(r.rows())) == 300
@@ -181,7 +186,7 @@ def test_unmerged_inbox_is_read_everywhere(tmp_path, monkeypatch):
         j.add(rec(100, square), 10_000)
     with Journal.open(db, fn=square) as j:
         j.compact()
-        assert j._reader().execute("SELECT count(*) FROM inbox").fetchone() == (0,)
+        assert unfolded(db) == 0
         assert j.counts() == {"ok": 298, "raised": 2}
     with Journal.open(db, fn=square) as j:
         fill(j, 1, start=7)  # a rewrite of a row of the tasks table (few records: folded in at close)
@@ -210,7 +215,7 @@ def test_engines_key_inputs_as_the_driver_does():
 
 
 def test_chunks_pickled_by_engines_are_stored_as_they_came(tmp_path, monkeypatch):
-    """add_chunk: one inbox row per chunk; duplicates skipped, attempts kept; folded like any batch."""
+    """add_chunk: one batch per chunk, as it came; duplicates skipped, attempts kept; folded like any batch."""
     from ipmtc.maps import runner
 
     tasks = [(i, i) for i in range(5)]
@@ -236,7 +241,7 @@ def test_chunks_pickled_by_engines_are_stored_as_they_came(tmp_path, monkeypatch
         assert j.lookup(task_key(square, 3))[0] == 9 and j.lookup(task_key(square, 2)) is None
         j.compact()
     con = sqlite3.connect(db)
-    assert con.execute("SELECT count(*) FROM inbox").fetchone() == (0,)
+    assert unfolded(db) == 0
     assert con.execute("SELECT count(*) FROM tasks").fetchone() == (5,)
     con.close()
 
@@ -633,3 +638,72 @@ def test_result_whose_class_is_gone_runs_again(tmp_path, monkeypatch):
     rows = {x["idx"]: x["value"] for x in r.rows(values=True)}
     r.close()
     assert rows[2] == 4 and rows[1].startswith("<result cannot be unpickled here")
+
+
+# ---------------------------------------------------------------- the inbox file
+
+
+def test_a_record_cut_short_ends_the_inbox_and_is_cut_off_by_the_next_driver(tmp_path, monkeypatch):
+    """A crash mid-write leaves a torn last record: readers stop before it, the next driver cuts it off."""
+    db = tmp_path / "run.db"
+    monkeypatch.setattr(journal_writer, "MERGE_ALWAYS", 0)
+    monkeypatch.setattr(journal_writer, "MERGE_COST_S", 1.0)  # leave everything in the inbox
+    with Journal.open(db, fn=square) as j:
+        fill(j, 10)
+        j.flush()
+        fill(j, 10, start=10)
+    box = journal_inbox.inbox_path(db)
+    whole = box.read_bytes()
+    assert unfolded(db) == 20
+    for torn in (whole[:-7], whole + b"\0" * 40, whole + whole[:30]):  # cut short; zeros; a header, no body
+        box.write_bytes(torn)
+        r = Journal.open(db, readonly=True)
+        assert r.counts()["ok"] in (10, 20)  # the whole records only
+        r.close()
+    box.write_bytes(whole[:-7])  # the second record torn: only the first 10 tasks survive
+    with Journal.open(db, fn=square) as j:
+        assert j.lookup(task_key(square, 3))[0] == 9 and j.lookup(task_key(square, 15)) is None
+        j.add(rec(15), 225)  # appended after the cut: readable
+    r = Journal.open(db, readonly=True)
+    assert r.counts() == {"ok": 11} and {x["idx"] for x in r.rows()} == {*range(10), 15}
+    r.close()
+
+
+def test_a_fold_interrupted_before_the_inbox_is_emptied_changes_nothing(tmp_path, monkeypatch):
+    """The fold commits the tasks table, then empties the inbox: a crash between folds the same again."""
+    db = tmp_path / "run.db"
+    with Journal.open(db, fn=square) as j:
+        fill(j, 20, fail_every=7)
+    box = journal_inbox.inbox_path(db)
+    with Journal.open(db, fn=square, retry_failed=True) as j:
+        j.add(rec(7), 49)  # a later record of a key already folded
+        j.flush()
+        saved = box.read_bytes()  # what is in the inbox before the fold at close
+    box.write_bytes(saved)  # as if the driver died after the fold's commit, before emptying the inbox
+    with Journal.open(db, fn=square) as j:  # folds the same records again
+        assert j.lookup(task_key(square, 7))[0] == 49
+        assert j.counts() == {"ok": 18, "raised": 2}
+    assert unfolded(db) == 0
+
+
+def test_journal_files_are_private_whatever_the_umask_and_symlinks_are_not_followed(tmp_path):
+    old = os.umask(0)
+    try:
+        db = tmp_path / "run.db"
+        with Journal.open(db, fn=square) as j:
+            fill(j, 3)
+            j.flush()
+            list(j.rows())  # the reader's connection: SQLite makes -wal and -shm
+        files = [p for p in tmp_path.iterdir() if p.name.startswith("run.db")]
+        assert {p.name for p in files} >= {"run.db", "run.db.inbox", "run.db.lock"}
+        for p in files:
+            assert p.stat().st_mode & 0o077 == 0, f"{p.name} is {oct(p.stat().st_mode)}"
+        target = tmp_path / "victim"
+        target.write_text("")
+        db2 = tmp_path / "two.db"
+        (tmp_path / "two.db.inbox").symlink_to(target)  # planted before the journal is made
+        with pytest.raises(JournalError, match="two.db"):
+            Journal.open(db2, fn=square)
+        assert target.read_text() == ""
+    finally:
+        os.umask(old)
