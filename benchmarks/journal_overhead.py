@@ -6,7 +6,7 @@ runs the same ``dynamic_map`` alternately without and with a fresh journal
 tasks/s (median and best) and the ratio on stdout. A last row times a rerun
 over the complete journal (every task a stored hit).
 
-    python benchmarks/journal_overhead.py [--tasks 20000] [--engines 8] [--repeats 5]
+    python benchmarks/journal_overhead.py [--tasks 20000] [--engines 8] [--repeats 60]
 
 Target: the journal costs <= 10% throughput (ratio >= 0.90).
 """
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", type=int, default=20_000)
     ap.add_argument("--engines", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=60)
     ap.add_argument("--task-ms", type=float, default=0.0,
                     help="tasks sleep this long instead of doing nothing (shows the overhead for real tasks)")
     args = ap.parse_args(argv)

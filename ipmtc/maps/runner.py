@@ -19,6 +19,7 @@ channel's listener, which calls :func:`run_chunk` itself.
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
 import pickle
 import select
@@ -278,30 +279,44 @@ def _for_journal(prefix: bytes, tasks: list, rows: list[Row]) -> tuple[bytes, by
     """
     from ..keys import pack_keys
 
-    ok = [row for row in rows if row[1] == OK]
-    rest = [row for row in rows if row[1] != OK] if len(ok) < len(rows) else []
-    items = dict(tasks)
-    keys, bad = pack_keys(prefix, [items[row[0]] for row in ok])
-    if bad:  # the driver keys those, and says what is wrong
-        skip = set(bad)
-        rest += [row for pos, row in enumerate(ok) if pos in skip]
-        ok = [row for pos, row in enumerate(ok) if pos not in skip]
+    if len(rows) == len(tasks):  # the runners give one row per task, in the tasks' order
+        if set(map(_STATUS, rows)) == {OK}:  # the common case, in C-level passes
+            ok, rest, inputs = list(rows), [], list(map(_INPUT, tasks))
+        else:
+            ok = [row for row in rows if row[1] == OK]
+            rest = [row for row in rows if row[1] != OK]
+            inputs = [task[1] for task, row in zip(tasks, rows) if row[1] == OK]
+    else:
+        ok = [row for row in rows if row[1] == OK]
+        rest = [row for row in rows if row[1] != OK]
+        by_index = dict(tasks)
+        inputs = [by_index[row[0]] for row in ok]
+    keys, bad = pack_keys(prefix, inputs)
     dumps, proto = pickle.dumps, pickle.HIGHEST_PROTOCOL
     try:
+        if bad:
+            raise ValueError("inputs that cannot be keyed")  # the slow path below
         blob = dumps(ok, protocol=proto)
-    except Exception:  # some result plain pickle cannot take: leave those to ipyparallel
-        good = []
-        for row in ok:
+    except Exception:  # an input that cannot be keyed, a result plain pickle cannot take: the driver's
+        skip, keep, keep_inputs = set(bad), [], []
+        for pos, (row, item) in enumerate(zip(ok, inputs)):
             try:
+                if pos in skip:
+                    raise ValueError(pos)
                 dumps(row[2], protocol=proto)
-                good.append(row)
             except Exception:
-                rest.append(row)
-        ok = good
-        keys = pack_keys(prefix, [items[row[0]] for row in ok])[0]
+                rest.append(row)  # recorded by the driver, which says what is wrong
+                continue
+            keep.append(row)
+            keep_inputs.append(item)
+        ok = keep
+        keys = pack_keys(prefix, keep_inputs)[0]
         blob = dumps(ok, protocol=proto)
     rows[:] = rest
     return keys, blob
+
+
+_STATUS, _INPUT = operator.itemgetter(1), operator.itemgetter(1)  # a row's status, a task's input
 
 
 JournalPart = tuple[bytes, bytes]  # (the ok tasks' keys, their rows), pickled
