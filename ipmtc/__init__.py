@@ -20,6 +20,7 @@ from .errors import (
                      MapError,
                      NoClusterError,
                      PresetError,
+                     SecurityError,
                      StartupError,
 )
 from .maps import MapResult, MapStream, TaskFailure, TaskRecord, dynamic_map, imap, static_map
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AllocationError", "ClusterError", "ClusterInfo", "ControllerLostError", "EnginesLostError", "IpmtcError",
     "JournalError", "MapStream", "imap",
-    "MapError", "NoClusterError", "PresetError", "StartupError", "connect", "list_clusters", "start",
+    "MapError", "NoClusterError", "PresetError", "SecurityError", "StartupError", "connect", "list_clusters", "start",
     "status", "stop", "__version__", "MapResult", "TaskFailure", "TaskRecord", "dynamic_map", "static_map",
     "run_commands",
 ]

@@ -83,6 +83,14 @@ def controller_host(client: Any) -> str | None:
     return str(cfg.get("interface", "")).split("://", 1)[-1].strip("[]") or None
 
 
+def uses_curve(client: Any) -> bool:
+    """Whether ``client``'s cluster runs CurveZMQ (its connection file named the controller's server key).
+
+    Relies on: ``Client.curve_serverkey`` (a configurable trait, filled from the connection file).
+    """
+    return bool(getattr(client, "curve_serverkey", None))
+
+
 def hub_probe_socket(client: Any, context: Any) -> Any:
     """A new DEALER socket, in ``context``, connected where ``client`` sends its hub queries.
 

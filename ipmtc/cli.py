@@ -8,6 +8,7 @@ because it is a bug.
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 import time
 
@@ -97,17 +98,29 @@ def start(nodes, engines_per_node, engines, launcher, preset, profile, sets, tim
         else:
             click.echo(f"engines {done}/{total} registered", err=True)
 
-    info = _cluster.start(preset=preset, flags=flags, nodes=nodes, engines=engines, profile=profile,
-                          on_progress=progress)
-    hosts = sorted({e.get("node", "?") for e in info.engines.values()})
-    click.echo(f"ipmtc: {info.n_engines} engines registered in {info.startup_s:.1f} s "
-               f"({info.launcher} on {len(hosts)} node{'s' if len(hosts) != 1 else ''}: {', '.join(hosts)}); "
-               f"profile {info.profile}")
-    click.echo(f"  {info.attach_hint()}")
-    click.echo(f"  stop:   ipmtc stop --profile {info.profile}")
     if foreground:
-        click.echo("  running in the foreground; Ctrl-C stops the cluster", err=True)
-        _cluster.wait_foreground(info)
+        # from now on SIGTERM is Ctrl-C: a start it cuts short leaves nothing running, and one that came
+        # between the start and the wait below stops the cluster too
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    info = None
+    try:
+        info = _cluster.start(preset=preset, flags=flags, nodes=nodes, engines=engines, profile=profile,
+                              on_progress=progress)
+        hosts = sorted({e.get("node", "?") for e in info.engines.values()})
+        click.echo(f"ipmtc: {info.n_engines} engines registered in {info.startup_s:.1f} s "
+                   f"({info.launcher} on {len(hosts)} node{'s' if len(hosts) != 1 else ''}: {', '.join(hosts)}); "
+                   f"profile {info.profile}")
+        click.echo(f"  {info.attach_hint()}")
+        click.echo(f"  stop:   ipmtc stop --profile {info.profile}")
+        if foreground:
+            click.echo("  running in the foreground; Ctrl-C stops the cluster", err=True)
+            _cluster.wait_foreground(info)
+    except KeyboardInterrupt:
+        if not foreground:
+            raise
+        if info is not None:
+            _cluster.stop_cluster(info)
+        click.echo("ipmtc: stopped", err=True)
 
 
 @main.command()

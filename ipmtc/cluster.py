@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _ipp, _proc, allocation, presets
+from ._private import PRIVATE_UMASK, write_private
 from .errors import ClusterError, ClusterRunningError, LauncherNotFoundError, NoClusterError, StartupError
 from .launch import EnginePlan, engine_cmd, plan_engines
 from .profile import default_name, ipython_dir, profile_dir, write_profile
@@ -57,10 +58,7 @@ class ClusterInfo:
         return Path(self.profile_dir) / "security" / STATE_FILE
 
     def save(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        os.chmod(tmp, 0o600)
-        tmp.replace(self.state_path)
+        write_private(self.state_path, json.dumps(asdict(self), indent=1))
 
     @property
     def running(self) -> bool:
@@ -292,7 +290,19 @@ def _write_fresh_profile(setup: Setup, pdir: Path) -> None:
 
 
 def _start_processes(cluster, plan: EnginePlan) -> None:
-    """Start the controller, then the engines with the plan's launcher (each in its own session)."""
+    """Start the controller, then the engines with the plan's launcher (each in its own session).
+
+    Under a 077 umask: the log files ipyparallel's launchers open here, and whatever the processes
+    create, are private (the processes set it themselves too).
+    """
+    old = os.umask(PRIVATE_UMASK)
+    try:
+        _start(cluster, plan)
+    finally:
+        os.umask(old)
+
+
+def _start(cluster, plan: EnginePlan) -> None:
     cluster.start_controller_sync()
     # srun starts each engine itself: engines need no MPI wiring, so they skip MPI_Init
     # (ipmtc.engine drops --mpi) and srun sets up no PMI. Measured with the mpich wheel under
@@ -465,7 +475,12 @@ def wait_foreground(info: ClusterInfo) -> None:
         while not stop_now and info.running:
             time.sleep(0.5)
     finally:
+        _cleanup(info)  # before the old handlers come back: a second signal must not cut it short
         for s, h in old.items():
             signal.signal(s, h)
-        _cleanup(info)
+
+
+def stop_cluster(info: ClusterInfo) -> int:
+    """Stop the cluster ``info`` describes (all its processes); how many were stopped."""
+    return _cleanup(info)
 

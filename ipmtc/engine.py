@@ -170,6 +170,21 @@ def _pop_copies(argv: list[str]) -> int:
     return n
 
 
+def _private() -> None:
+    """What the engine writes is private, and its logs never show the cluster's key (ipyparallel's engine
+    logs its whole configuration at DEBUG)."""
+    os.umask(0o077)
+    try:
+        import json
+
+        key = json.loads(os.environ.get("IPP_CONNECTION_INFO") or "{}").get("key") or ""
+    except ValueError:
+        key = ""
+    from ._private import redact_in_logs
+
+    redact_in_logs([key])
+
+
 def main() -> None:
     copies = _pop_copies(sys.argv)
     mpi = "--mpi" in sys.argv
@@ -179,6 +194,7 @@ def main() -> None:
         mpi = False
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    _private()
     if mpi:
         _supervise()
     if mpi or os.environ.get("IPMTC_ENGINE_MPI") == "0":

@@ -46,6 +46,10 @@ class LauncherNotFoundError(ClusterError):
     """The requested engine launcher (srun, mpiexec) is not installed."""
 
 
+class SecurityError(IpmtcError):
+    """A private file or directory others can reach, or protection asked for that cannot be had."""
+
+
 class MapError(IpmtcError):
     """Bad arguments to a map, detected before anything is submitted."""
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .allocation import Allocation
-from .errors import AllocationError, LauncherNotFoundError
+from .errors import AllocationError, LauncherNotFoundError, SecurityError
 from .presets import AUTO, Preset
 
 # hydra's mpiexec kills every rank when one dies unless told not to; srun does
@@ -39,6 +39,7 @@ class EnginePlan:
     controller_ip: str = "127.0.0.1"
     controller_location: str = "127.0.0.1"
     machinefile_lines: tuple[str, ...] = ()  # hydra machine file for a PBS/LSF subset
+    security: str = "hmac"  # "curve": CurveZMQ on every socket (and HMAC); "hmac": signed, in clear
 
     def describe(self) -> str:
         where = f"{len(self.hosts)} node{'s' if len(self.hosts) != 1 else ''}"
@@ -97,7 +98,8 @@ def plan_engines(preset: Preset, alloc: Allocation, *, nodes: int | None = None,
     ip, location = _controller_addresses(preset, launcher, hosts)
     return EnginePlan(launcher=launcher, n_engines=n, hosts=tuple(hosts), engines_per_node=epn,
                       mpi_cmd=mpi_cmd, mpi_args=mpi_args, controller_ip=ip,
-                      controller_location=location, machinefile_lines=machinefile)
+                      controller_location=location, machinefile_lines=machinefile,
+                      security=security_mode(preset.security, ip))
 
 
 def _choose_launcher(preset: Preset, alloc: Allocation) -> str:
@@ -187,14 +189,64 @@ def _launcher_args(preset: Preset, alloc: Allocation, launcher: str, hosts: tupl
     return mpi_cmd, mpi_args, machinefile
 
 
+def address_toward(hosts: tuple[str, ...]) -> str:
+    """This node's address on the interface toward the other ``hosts`` (the route the kernel would
+    take to the first of them that resolves); :func:`this_host_address` when none does."""
+    me = {socket.gethostname(), socket.gethostname().split(".")[0], "localhost"}
+    for host in hosts:
+        if host in me or host.split(".")[0] in me:
+            continue
+        try:
+            peer = socket.gethostbyname(host)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect((peer, 9))  # sends nothing: picks the route's source address
+                return str(s.getsockname()[0])
+        except OSError:
+            continue
+    return this_host_address()
+
+
 def _controller_addresses(preset: Preset, launcher: str, hosts: tuple[str, ...]) -> tuple[str, str]:
-    """(address the controller listens on, address engines connect to): loopback when all is local."""
+    """(address the controller listens on, address engines connect to).
+
+    Loopback when all is local; otherwise this node's address on the interface toward
+    the allocation's other nodes -- never all interfaces (``0.0.0.0``), which would let
+    anyone on any network this node is on reach the controller. ``controller_ip``
+    overrides (``0.0.0.0`` included, if a site needs it).
+    """
     local_only = launcher == "local" or _is_this_host(hosts)
     ip = preset.controller_ip
     if ip == AUTO:
-        ip = "127.0.0.1" if local_only else "0.0.0.0"
+        ip = "127.0.0.1" if local_only else address_toward(hosts)
     location = preset.controller_location
     if location == AUTO:
-        location = "127.0.0.1" if local_only or ipaddress.ip_address(ip).is_loopback else (
-            ip if ip != "0.0.0.0" else this_host_address())
+        if local_only or _is_loopback(ip):
+            location = "127.0.0.1"
+        else:
+            location = ip if ip not in ("0.0.0.0", "*", "::") else this_host_address()
     return ip, location
+
+
+def security_mode(asked: str, controller_ip: str) -> str:
+    """``curve`` or ``hmac``: what the preset's ``security`` means for a controller listening on ``controller_ip``.
+
+    ``auto`` is curve whenever anything listens beyond loopback. Curve asked for or
+    needed with a libzmq built without it is refused here, before anything starts.
+    """
+    mode = asked if asked != AUTO else ("hmac" if _is_loopback(controller_ip) else "curve")
+    if mode == "curve":
+        import zmq
+
+        if not zmq.has("curve"):
+            why = "security: curve" if asked == "curve" else f"the controller listens on {controller_ip}"
+            raise SecurityError(f"{why} needs CurveZMQ, but this libzmq ({zmq.zmq_version()}) was built without "
+                                "it; install pyzmq's wheel (pip install --force-reinstall pyzmq) or, on a "
+                                "trusted network only, set security: hmac")
+    return mode
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:  # a host name
+        return ip == "localhost"

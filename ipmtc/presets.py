@@ -25,6 +25,7 @@ SCHEMES = ("leastload", "lru", "twobin", "weighted", "plainrandom")
 TASK_DBS = ("none", "dict", "sqlite")
 LAUNCHERS = ("auto", "srun", "mpiexec", "local")
 LOG_LEVELS = ("DEBUG", "INFO", "WARN", "ERROR", "CRITICAL")
+SECURITY = ("auto", "curve", "hmac")
 ENV_PREFIX = "IPMTC_"
 
 
@@ -41,7 +42,7 @@ class Preset:
     registration_timeout_s: float | str = AUTO  # IPController.registration_timeout
     engine_timeout_s: float | str = AUTO  # IPEngine.timeout (wait for registration reply)
     start_timeout_s: float | str = AUTO  # how long `ipmtc start` waits for all engines
-    controller_ip: str = AUTO  # IPController.ip ('auto': loopback if local, all interfaces otherwise)
+    controller_ip: str = AUTO  # IPController.ip ('auto': loopback if local, else the interface toward the nodes)
     controller_location: str = AUTO  # address written into connection files
     controller_ports: str = ""  # e.g. "10101-10120" (firewalled sites)
     task_db: str = "dict"  # none | dict | sqlite
@@ -50,13 +51,15 @@ class Preset:
     engines_per_node: int | str = AUTO  # default: the allocation's task slots per node
     log_level: str = "INFO"
     crash_limit: int = 3  # maps: engines a task may take down before it fails as EngineCrashes
+    security: str = "auto"  # curve: CurveZMQ + HMAC on every socket; hmac: signed only; auto: curve off loopback
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(Preset)}
 AUTO_OK = {"heartbeat_period_ms", "heartbeat_misses", "engine_heartbeat_misses",
            "registration_timeout_s", "engine_timeout_s", "start_timeout_s",
            "controller_ip", "controller_location", "engines_per_node"}
-CHOICES = {"scheme": SCHEMES, "task_db": TASK_DBS, "launcher": LAUNCHERS, "log_level": LOG_LEVELS}
+CHOICES = {"scheme": SCHEMES, "task_db": TASK_DBS, "launcher": LAUNCHERS, "log_level": LOG_LEVELS,
+           "security": SECURITY}
 # minimum allowed value (inclusive) and whether 0 is allowed for numeric keys
 MINIMUM: dict[str, float] = {"hwm": 0, "heartbeat_period_ms": 1, "heartbeat_misses": 1,
                              "engine_heartbeat_misses": 0, "registration_timeout_s": 0.001,

@@ -5,10 +5,10 @@ No processes here. Trait names are today's (``IPController``, ``IPEngine``,
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
+from ._private import private_dir, write_private
 from .allocation import Allocation
 from .errors import PresetError
 from .launch import EnginePlan, engine_cmd
@@ -69,6 +69,7 @@ def render(resolved: Resolved, plan: EnginePlan, alloc: Allocation) -> dict[str,
         f"c.IPController.registration_timeout = {int(round(float(p.registration_timeout_s)))}",
         f"c.IPController.db_class = {_py(DB_CLASSES[p.task_db])}",
         f"c.IPController.log_level = {_py(p.log_level)}",
+        *_security_lines(plan),
     ]) + "\n"
     engine = head + "\n".join([
         "# how long an engine waits for the controller's registration reply",
@@ -105,23 +106,40 @@ def render(resolved: Resolved, plan: EnginePlan, alloc: Allocation) -> dict[str,
             "ipcluster_config.py": cluster, PRESET_FILE: to_yaml(resolved)}
 
 
+def _security_lines(plan: EnginePlan) -> list[str]:
+    lines = [
+        "# the HMAC key: a fresh one each start, made when the controller reads this file, so it is",
+        "# written nowhere but into the connection files (0600), and never shown in its logs",
+        "# (ipmtc starts the controller under umask 077: what it writes is private)",
+        "import secrets  # noqa: E402",
+        "_key = secrets.token_hex(32)",
+        "c.Session.key = _key.encode('ascii')",
+        "from ipmtc._private import redact_in_logs  # noqa: E402",
+        "redact_in_logs([_key])",
+    ]
+    if plan.security != "curve":
+        return lines + ["# security: hmac -- messages are signed, but cross the network in clear"]
+    return lines + [
+        "# security: curve -- every socket encrypted and authenticated with CurveZMQ (a fresh key pair",
+        "# each start); the HMAC key above keeps messages signed too (curve alone would turn that off)",
+        "c.IPController.enable_curve = True",
+    ]
+
+
 def write_profile(resolved: Resolved, plan: EnginePlan, alloc: Allocation, name: str) -> Path:
     """Write ``$IPYTHONDIR/profile_<name>/`` (0700, security/ 0700) and return its path."""
     pdir = profile_dir(name)
-    for d in (pdir, pdir / "security", pdir / "log"):
-        d.mkdir(parents=True, exist_ok=True)
-        os.chmod(d, 0o700)
+    pdir.parent.mkdir(parents=True, exist_ok=True)  # IPYTHONDIR itself is the user's business
+    # (with IPython's other folders, made here before IPython makes them under whatever umask there is)
+    for d in (pdir, *(pdir / sub for sub in ("security", "log", "pid", "startup", "static"))):
+        private_dir(d)  # 0700, refused if someone else owns it or may enter it
     files = render(resolved, plan, alloc)
     if plan.machinefile_lines:
         mf = pdir / "machinefile"
-        mf.write_text("\n".join(plan.machinefile_lines) + "\n")
+        write_private(mf, "\n".join(plan.machinefile_lines) + "\n")
         files["ipcluster_config.py"] += (
             "# hydra machine file for the chosen subset of the allocation\n"
             f"c.MPIEngineSetLauncher.mpi_args = {_py(plan.mpi_args + ('-machinefile', str(mf)))}\n")
     for fname, text in files.items():
-        path = pdir / fname
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.chmod(tmp, 0o600)
-        tmp.replace(path)
+        write_private(pdir / fname, text)
     return pdir

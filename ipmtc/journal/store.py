@@ -21,7 +21,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import JournalError, JournalWarning
+from .._private import check_owned
+from ..errors import JournalError, JournalWarning, SecurityError
 from . import inbox
 from .inbox import Inbox
 
@@ -233,6 +234,17 @@ class Store:
             finally:
                 os.close(fd)
 
+    def check_ours(self) -> None:
+        """Refuse a journal (or its inbox) someone else owns or may write: ipmtc unpickles what is in it,
+        and a pickle can run any code."""
+        for path in (self.path, self.inbox_path):
+            try:
+                check_owned(path)
+            except FileNotFoundError:
+                continue
+            except SecurityError as e:
+                raise JournalError(f"journal {e}") from None
+
     def open_inbox(self) -> None:
         """Open the inbox for appending (cutting off a record a crash cut short). Call with the lock held."""
         try:
@@ -285,6 +297,7 @@ class Store:
         Call with the lock held and ``function`` set. WAL mode, ``synchronous=FULL``.
         """
         p = self.path
+        self.check_ours()
         try:
             conn = self.conn = self.connect()
             self._check_is_sqlite(conn)
@@ -340,6 +353,7 @@ class Store:
         p = self.path
         if not p.is_file():
             raise JournalError(f"journal {p} does not exist" if not p.exists() else f"journal {p} is not a file")
+        self.check_ours()
         uri = p.absolute().as_uri()
         try:
             try:

@@ -128,13 +128,24 @@ class Channel:
     results come back as :class:`ChannelResult` callbacks.
     """
 
-    def __init__(self, session_key: bytes, ip: str):
+    def __init__(self, session_key: bytes, ip: str, curve: bool = False):
         self.nonce = secrets.token_bytes(16)
         self.key = wire.channel_key(session_key, self.nonce)
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.linger = 0
         self.router.router_mandatory = 1  # a chunk for a listener that is gone fails at once: rerun
+        self.router.maxmsgsize = wire.MAX_MESSAGE_BYTES
+        # with a curve cluster the channel is curve too, this process the server: a listener checks
+        # this key pair's public half (it came over ipyparallel's encrypted sockets), so it never hands
+        # results to whoever binds this port after this process is gone; nobody without it can connect
+        self.server_key: bytes | None = None
+        if curve:
+            public, secret = zmq.curve_keypair()
+            self.router.curve_secretkey = secret
+            self.router.curve_publickey = public
+            self.router.curve_server = True
+            self.server_key = public
         try:
             port = self.router.bind_to_random_port(f"tcp://{ip}")
         except zmq.ZMQError:
@@ -172,7 +183,7 @@ class Channel:
         if ip is None:
             return None
         try:
-            ch = cls(client.session.key, ip)
+            ch = cls(client.session.key, ip, curve=_ipp.uses_curve(client))
         except (zmq.ZMQError, OSError):
             return None
         _CHANNELS[client] = ch
@@ -188,7 +199,7 @@ class Channel:
         if not engines:
             return
         try:
-            ar = client[engines].apply_async(ATTACH, self.address, self.nonce)
+            ar = client[engines].apply_async(ATTACH, self.address, self.nonce, self.server_key)
         except (IndexError, NoEnginesRegistered):
             return  # one is gone already: supervision notices, the next map asks the others
         self.asked.update(engines)

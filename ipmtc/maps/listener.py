@@ -35,12 +35,16 @@ from .spec import MapSpec
 _LISTENERS: dict[str, _Listener] = {}  # driver address -> its listener on this engine
 
 
-def attach(address: str, nonce: bytes) -> int:
-    """Runs as an apply on an engine: leave a listener for this driver there; return at once."""
+def attach(address: str, nonce: bytes, server_key: bytes | None = None) -> int:
+    """Runs as an apply on an engine: leave a listener for this driver there; return at once.
+
+    ``server_key``: the driver's CurveZMQ public key (a curve cluster): the connection is
+    encrypted, and made only to the process that holds the matching secret key.
+    """
     old = _LISTENERS.pop(address, None)
     if old is not None:
         old.close(bye=False)
-    listener = _LISTENERS[address] = _Listener(address, nonce)
+    listener = _LISTENERS[address] = _Listener(address, nonce, server_key)
     return listener.engine_id
 
 
@@ -60,7 +64,7 @@ ATTACH = _Attach()
 class _Listener:
     """One driver's socket on an engine's event loop."""
 
-    def __init__(self, address: str, nonce: bytes):
+    def __init__(self, address: str, nonce: bytes, server_key: bytes | None = None):
         from tornado.ioloop import PeriodicCallback
         from zmq.eventloop.zmqstream import ZMQStream
 
@@ -71,7 +75,14 @@ class _Listener:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.linger = 0
         self.sock.sndhwm = 0  # a send never blocks the engine, even with its driver gone
+        self.sock.maxmsgsize = wire.MAX_MESSAGE_BYTES
+        if server_key:
+            public, secret = zmq.curve_keypair()  # this end's own, thrown away with the socket
+            self.sock.curve_serverkey = server_key
+            self.sock.curve_publickey = public
+            self.sock.curve_secretkey = secret
         self.sock.connect(address)
+        self.last_seq = -1  # the driver numbers its messages: one not newer than the last is a replay
         self.armed = False  # SIGINT stops a task only while a task runs (not mid-send)
         self.out = _plain(sys.__stdout__), _plain(sys.__stderr__)  # the engine's own output: its log
         self.maps: OrderedDict[str, MapSpec | dict[str, str]] = OrderedDict()  # a dict: why it failed
@@ -122,6 +133,10 @@ class _Listener:
             while len(self.maps) > wire.MAPS_KEPT:
                 self.maps.popitem(last=False)
         elif kind == "chunk":
+            seq = wire.sequence(header[1])
+            if seq <= self.last_seq:  # a chunk already taken (a replay): never run twice
+                return
+            self.last_seq = seq
             self._run(header[1], header[2], payload)
             self.heard = time.monotonic()  # a long chunk is not the driver's silence
         elif kind == "close":

@@ -5,7 +5,11 @@ tuple whose first item names the kind, the payload serialized as ipyparallel
 serializes an apply's arguments. The signature is an HMAC-SHA256 over every frame
 and its length, keyed with a key derived from the cluster's session key (which
 both ends already hold) and a per-channel nonce: an unsigned or wrongly signed
-message is dropped before anything in it is unpickled.
+message is dropped before anything in it is unpickled. A listener runs a chunk only if
+its number (the end of its id) is newer than the last it took: a replayed chunk is
+never run twice. Neither end takes a message over :data:`MAX_MESSAGE_BYTES`. In a
+cluster that runs CurveZMQ the channel does too, the driver as the server (see
+:class:`~.channel.Channel`): encrypted, and only the two ends can take part.
 
 Driver -> listener: ``map`` (a map's :class:`~.spec.MapSpec`, once per engine),
 ``chunk`` (tasks), ``ping``, ``close``. Listener -> driver: ``hello`` / ``bye``
@@ -24,6 +28,9 @@ PING_EVERY_S = 2.0
 ORPHAN_AFTER_S = 30.0  # an idle listener that heard nothing from its driver for this long closes
 MAPS_KEPT = 4  # specs a listener keeps (maps running at once from one driver)
 _SCHEME = b"ipmtc-channel-1"
+# the largest message either end takes (a bigger one drops the connection before anything is read):
+# far above any sane chunk, below what would exhaust a node's memory in one message
+MAX_MESSAGE_BYTES = 8 << 30
 
 
 def channel_key(session_key: bytes, nonce: bytes) -> bytes:
@@ -54,6 +61,11 @@ def unpack(key: bytes, frames: list) -> tuple[tuple, list] | None:
     if len(frames) < 2 or not hmac.compare_digest(frames[0], _sign(key, frames[1:])):
         return None
     return pickle.loads(frames[1]), frames[2:]
+
+
+def sequence(mid: str) -> int:
+    """The number a chunk's id ends with: the driver's messages to one listener go out in its order."""
+    return int(mid.rsplit("-", 1)[1])
 
 
 def payload(frames: list) -> Any:

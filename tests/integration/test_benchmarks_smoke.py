@@ -27,6 +27,7 @@ OUTPUTS = {
     "faults": ["faults.md", "faults.png", "faults_run.json"],
     "model": ["model.md", "model.png"],
     "memory": ["memory.md", "memory.json"],
+    "security": ["security.md", "security.json"],
 }
 
 

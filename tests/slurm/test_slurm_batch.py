@@ -32,6 +32,20 @@ def _state_file(ipython_dir: Path, job_id: str) -> Path:
     return ipython_dir / f"profile_ipmtc-{job_id}" / "security" / "ipmtc-cluster.json"
 
 
+def _listening(pids: list[int]) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket the processes listen on."""
+    import psutil
+
+    out = []
+    for pid in pids:
+        try:
+            out += [(c.laddr.ip, c.laddr.port) for c in psutil.Process(pid).net_connections(kind="tcp")
+                    if c.status == psutil.CONN_LISTEN]
+        except psutil.Error:
+            continue
+    return out
+
+
 def _assert_stopped(output: str) -> None:
     assert re.search(r"^ipmtc: stopped cluster ipmtc-\d+ \(\d+ processes\)", output, re.M), output
 
@@ -125,6 +139,11 @@ def test_losing_one_nodes_engines_mid_map(jobs, tmp_path, ipython_dir):
     state = json.loads(_state_file(ipython_dir, job.job_id).read_text())
     victims = {int(eid): e["pid"] for eid, e in state["engines"].items() if e["node"] == "n3"}
     assert len(victims) == 2, state["engines"]
+    # secure by default across nodes: nothing of the cluster listens on all interfaces, and it runs curve
+    listening = _listening(state["pids"])
+    assert listening and not [a for a in listening if a[0] in ("0.0.0.0", "::")], listening
+    conn = json.loads((_state_file(ipython_dir, job.job_id).parent / "ipcontroller-client.json").read_text())
+    assert conn.get("curve_serverkey"), "a 4-node cluster should run CurveZMQ (security: auto)"
     # the map is under way and the victims are in it: a task of each is recorded (the map keeps every
     # engine busy until its last few tasks: 240 tasks of 0.25 s on 8 engines take 7.5 s at least)
     seen: list[dict] = []

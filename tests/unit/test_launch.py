@@ -123,8 +123,8 @@ def test_slurm_4x4_srun(tmp_path, monkeypatch) -> None:
     assert set(SRUN_KEEP_GOING) == {"--kill-on-bad-exit=0", "--wait=0"}
     assert (plan.n_engines, plan.engines_per_node, plan.hosts) == (16, 4, SLURM4.hosts)
     assert plan.machinefile_lines == ()
-    assert plan.controller_ip == "0.0.0.0"
-    assert plan.controller_location == launch.this_host_address()
+    assert plan.controller_ip == launch.address_toward(SLURM4.hosts) != "0.0.0.0"  # never all interfaces
+    assert plan.controller_location == plan.controller_ip
     assert plan.controller_location not in ("0.0.0.0", "127.0.0.1", "localhost")
     try:
         assert not ipaddress.ip_address(plan.controller_location).is_loopback
@@ -187,7 +187,8 @@ def test_preset_mpi_args_come_last(tmp_path, monkeypatch) -> None:
     ("flags", "ip", "location"),
     [
         ({"controller_ip": "10.1.2.3"}, "10.1.2.3", "10.1.2.3"),
-        ({"controller_location": "head.example.org"}, "0.0.0.0", "head.example.org"),
+        ({"controller_location": "head.example.org"}, launch.address_toward(SLURM4.hosts), "head.example.org"),
+        ({"controller_ip": "0.0.0.0"}, "0.0.0.0", launch.this_host_address()),  # a site's explicit choice
         ({"controller_ip": "127.0.0.1"}, "127.0.0.1", "127.0.0.1"),
         ({"controller_ip": "10.1.2.3", "controller_location": "10.9.9.9"}, "10.1.2.3", "10.9.9.9"),
     ],

@@ -14,3 +14,12 @@ c.HeartMonitor.max_heartmonitor_misses = 50
 c.IPController.registration_timeout = 30
 c.IPController.db_class = 'DictDB'
 c.IPController.log_level = 'INFO'
+# the HMAC key: a fresh one each start, made when the controller reads this file, so it is
+# written nowhere but into the connection files (0600), and never shown in its logs
+# (ipmtc starts the controller under umask 077: what it writes is private)
+import secrets  # noqa: E402
+_key = secrets.token_hex(32)
+c.Session.key = _key.encode('ascii')
+from ipmtc._private import redact_in_logs  # noqa: E402
+redact_in_logs([_key])
+# security: hmac -- messages are signed, but cross the network in clear
