@@ -45,7 +45,23 @@ def private_dir(path: Path) -> Path:
     if st.st_mode & 0o077:
         raise SecurityError(f"{path} is open to other users (mode {stat.S_IMODE(st.st_mode):04o}); it will hold "
                             f"keys: run `chmod 700 {path}` or remove it")
+    acl = _acl(path)
+    if acl:
+        raise SecurityError(f"{path} has an access control list ({acl}) that may open it to others whatever its "
+                            f"mode: run `setfacl -b -k {path}` or remove it")
     return path
+
+
+def _acl(path: Path) -> str | None:
+    """The name of an access control list on ``path`` (POSIX or NFSv4), or None."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:  # no extended attributes here: no ACL either
+        return None
+    for name in ("system.posix_acl_access", "system.posix_acl_default", "system.nfs4_acl"):
+        if name in names:
+            return name
+    return None
 
 
 def check_owned(path: Path, st: os.stat_result | None = None, *, writable_by_others: bool = False) -> None:

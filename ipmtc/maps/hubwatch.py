@@ -21,6 +21,7 @@ from .. import _ipp
 
 PROBE_EVERY_S = 1.0
 LOST_AFTER_S = 6.0  # silence that means the controller is gone (a busy hub answers well within this)
+STOP_SEEN_WITHIN_MS = 100  # the thread looks at its stop flag at least this often
 
 
 _WATCHES: weakref.WeakKeyDictionary[Any, HubWatch] = weakref.WeakKeyDictionary()
@@ -39,7 +40,9 @@ class HubWatch:
             except Exception:  # a client this seam does not know: maps go on without the watch
                 return None
             _WATCHES[client] = watch
-            weakref.finalize(client, watch.close)
+            # never waits: the client may be collected in the middle of another client's map, and a
+            # join there would hold that map's loop for up to a probe period
+            weakref.finalize(client, watch.close, False)
         return watch
 
     def __init__(self, client: Any, *, probe_every_s: float = PROBE_EVERY_S):
@@ -61,8 +64,10 @@ class HubWatch:
                 deadline = time.monotonic() + self.probe_every_s
                 while not self._stop.is_set():
                     left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-                    if not poller.poll(left_ms):
-                        break  # no answer within the period: ask again
+                    if not poller.poll(min(left_ms, STOP_SEEN_WITHIN_MS)):
+                        if time.monotonic() >= deadline:
+                            break  # no answer within the period: ask again
+                        continue
                     self.sock.recv_multipart()
                     self.last_heard = time.monotonic()
                 if not self._stop.is_set():
@@ -80,7 +85,8 @@ class HubWatch:
     def lost(self, after_s: float = LOST_AFTER_S) -> bool:
         return self.silent_s() > after_s
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop probing; ``wait``: until the thread has closed its socket (within about 0.1 s)."""
         self._stop.set()
-        if threading.current_thread() is not self._thread:
+        if wait and threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)

@@ -423,3 +423,24 @@ def test_progress_bar_counts_done_failed_and_engines(rc, capsys):
     assert "failed=1" in err and "retried=1" in err and f"engines={len(rc.ids)}" in err
     ipmtc.static_map(square, range(10), client=rc, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_a_collected_clients_controller_watch_never_holds_another_map(shared_cluster, rc, monkeypatch):
+    """A client dropped with its controller watch running may be collected in the middle of another
+    client's map: its finalizer stops the watch without waiting for the watch's thread (a join there
+    held the other map's loop for up to a second)."""
+    from ipmtc import cluster
+    from ipmtc.maps.hubwatch import _WATCHES
+
+    other = cluster.connect(shared_cluster.profile)
+    other.wait_for_engines(shared_cluster.n_engines, timeout=30)
+    assert list(ipmtc.dynamic_map(abs, [-1, -2], client=other, progress=False)) == [1, 2]
+    watch = _WATCHES[other]
+    joins = []
+    monkeypatch.setattr(watch._thread, "join", lambda *a, **k: joins.append(a))
+    other.close()
+    del other
+    gc.collect()  # as a collection in the middle of rc's next map would
+    assert watch._stop.is_set() and joins == []
+    wait_for(lambda: not watch._thread.is_alive(), 10, "the watch's thread to end by itself")
+    assert list(ipmtc.dynamic_map(abs, [-3], client=rc, progress=False)) == [3]

@@ -234,10 +234,8 @@ def test_a_client_with_a_wrong_key_is_rejected_and_the_cluster_keeps_serving(sec
     forged.write_text(json.dumps(conn))
     import ipyparallel as ipp
 
-    with pytest.raises(Exception) as ei:
-        bad = ipp.Client(str(forged), timeout=3)
-        bad.close()
-    assert "timed out" in str(ei.value).lower() or "timeout" in type(ei.value).__name__.lower()
+    with pytest.raises(TimeoutError, match="timed out"):
+        ipp.Client(str(forged), timeout=3).close()
     rc = ipmtc.connect(info.profile)
     try:
         assert sorted(rc[:].apply_sync(os.getpid)) == sorted(rc[:].apply_sync(os.getpid))
@@ -405,3 +403,62 @@ def test_curve_needed_but_missing_fails_closed(monkeypatch, open_ipython_dir):
     with pytest.raises(SecurityError, match="needs CurveZMQ"):
         cluster.create_profile(profile="nocurve", flags={"launcher": "local", "security": "curve"})
     assert not (open_ipython_dir / "profile_nocurve").exists()
+
+
+def test_a_profile_directory_with_an_acl_is_refused(open_ipython_dir, other_user):
+    """An access control list can open a 0700 directory to another user: refused."""
+    import struct
+
+    pw, _, _ = other_user
+    pdir = open_ipython_dir / "profile_acl"
+    pdir.mkdir(mode=0o700)
+    os.chmod(pdir, 0o700)
+    any_id = 0xFFFFFFFF  # (the owner, group, mask and other entries name no one)
+    entries = [(0x01, 7, any_id), (0x02, 5, pw.pw_uid), (0x04, 0, any_id), (0x10, 5, any_id), (0x20, 0, any_id)]
+    value = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)  # POSIX ACL, version 2
+    os.setxattr(pdir, "system.posix_acl_access", value)
+    with pytest.raises(SecurityError, match="access control list"):
+        cluster.create_profile(profile="acl", flags={"launcher": "local"})
+
+
+def test_version_floors():
+    """IPython >= 8.0.1 (CVE-2022-21699: startup files from the current directory), pyzmq >= 22.3 (curve)."""
+    from importlib.metadata import version
+
+    def tup(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in v.split(".")[:3] if x.isdigit())
+
+    assert tup(version("ipython")) >= (8, 0, 1)
+    assert tup(version("pyzmq")) >= (22, 3)
+    assert zmq.has("curve")
+
+
+def test_a_restart_after_a_killed_controller_replaces_the_key(secure_cluster):
+    """SIGKILL the controller: the next start writes new connection files, and the old key is refused."""
+    import signal
+
+    import ipyparallel as ipp
+
+    info = secure_cluster(1, security="hmac")
+    pdir = Path(info.profile_dir)
+    old = (pdir / "security" / "ipcontroller-client.json").read_text()
+    stale = pdir.parent / "stale-client.json"
+    stale.write_text(old)
+    os.chmod(stale, 0o600)
+    os.kill(info.controller_pid, signal.SIGKILL)
+    wait_all_dead([info.controller_pid])
+    info2 = cluster.start(engines=1, profile=info.profile, flags={"launcher": "local", "security": "hmac"})
+    try:
+        new = json.loads((pdir / "security" / "ipcontroller-client.json").read_text())
+        assert new["key"] != json.loads(old)["key"]
+        conn = json.loads(old)
+        conn.update({k: new[k] for k in new if k not in ("key",)})  # the new ports, the old key
+        stale.write_text(json.dumps(conn))
+        with pytest.raises(TimeoutError, match="timed out"):
+            ipp.Client(str(stale), timeout=3).close()
+        rc = ipmtc.connect(info.profile)
+        assert rc[:].apply_sync(os.getpid)
+        rc.close()
+    finally:
+        stop_and_check(info2)
+        stale.unlink()
