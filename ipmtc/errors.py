@@ -114,5 +114,9 @@ class ChunkFailed(Exception):
         self.traceback = err.get("traceback", "")
 
 
+class SecurityWarning(UserWarning):
+    """Protection weaker than the default, because this installation cannot give more (said once)."""
+
+
 class JournalWarning(UserWarning):
     """The journal stopped recording during a map (the map itself goes on)."""

@@ -13,11 +13,12 @@ import os
 import shutil
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from .allocation import Allocation
-from .errors import AllocationError, LauncherNotFoundError, SecurityError
+from .errors import AllocationError, LauncherNotFoundError, SecurityError, SecurityWarning
 from .presets import AUTO, Preset
 
 # hydra's mpiexec kills every rank when one dies unless told not to; srun does
@@ -39,7 +40,7 @@ class EnginePlan:
     controller_ip: str = "127.0.0.1"
     controller_location: str = "127.0.0.1"
     machinefile_lines: tuple[str, ...] = ()  # hydra machine file for a PBS/LSF subset
-    security: str = "hmac"  # "curve": CurveZMQ on every socket (and HMAC); "hmac": signed, in clear
+    security: str = "curve"  # "curve": CurveZMQ on every socket (and HMAC); "hmac": signed, in clear
 
     def describe(self) -> str:
         where = f"{len(self.hosts)} node{'s' if len(self.hosts) != 1 else ''}"
@@ -230,19 +231,25 @@ def _controller_addresses(preset: Preset, launcher: str, hosts: tuple[str, ...])
 def security_mode(asked: str, controller_ip: str) -> str:
     """``curve`` or ``hmac``: what the preset's ``security`` means for a controller listening on ``controller_ip``.
 
-    ``auto`` is curve whenever anything listens beyond loopback. Curve asked for or
-    needed with a libzmq built without it is refused here, before anything starts.
+    ``auto`` is curve wherever libzmq has it -- loopback too: on a shared node every user can reach
+    loopback, and curve costs nothing measurable (``benchmarks/security.py``). Without curve in libzmq,
+    ``auto`` falls back to hmac on loopback (with a warning) and is refused beyond it, as is ``curve``.
     """
-    mode = asked if asked != AUTO else ("hmac" if _is_loopback(controller_ip) else "curve")
-    if mode == "curve":
-        import zmq
+    if asked == "hmac":
+        return "hmac"
+    import zmq
 
-        if not zmq.has("curve"):
-            why = "security: curve" if asked == "curve" else f"the controller listens on {controller_ip}"
-            raise SecurityError(f"{why} needs CurveZMQ, but this libzmq ({zmq.zmq_version()}) was built without "
-                                "it; install pyzmq's wheel (pip install --force-reinstall pyzmq) or, on a "
-                                "trusted network only, set security: hmac")
-    return mode
+    if zmq.has("curve"):
+        return "curve"
+    if asked == AUTO and _is_loopback(controller_ip):
+        warnings.warn(f"this libzmq ({zmq.zmq_version()}) has no CurveZMQ: the cluster's messages are signed but "
+                      "not encrypted (other users of this node could read them); install pyzmq's wheel",
+                      SecurityWarning, stacklevel=2)
+        return "hmac"
+    why = "security: curve" if asked == "curve" else f"the controller listens on {controller_ip}"
+    raise SecurityError(f"{why} needs CurveZMQ, but this libzmq ({zmq.zmq_version()}) was built without it; "
+                        "install pyzmq's wheel (pip install --force-reinstall pyzmq) or, on a trusted network "
+                        "only, set security: hmac")
 
 
 def _is_loopback(ip: str) -> bool:

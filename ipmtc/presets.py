@@ -51,7 +51,7 @@ class Preset:
     engines_per_node: int | str = AUTO  # default: the allocation's task slots per node
     log_level: str = "INFO"
     crash_limit: int = 3  # maps: engines a task may take down before it fails as EngineCrashes
-    security: str = "auto"  # curve: CurveZMQ + HMAC on every socket; hmac: signed only; auto: curve off loopback
+    security: str = "auto"  # curve: CurveZMQ + HMAC on every socket; hmac: signed only; auto: curve if libzmq has it
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(Preset)}

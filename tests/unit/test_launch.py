@@ -347,3 +347,22 @@ def test_this_host_address_is_usable_by_other_nodes() -> None:
 def test_engine_plan_describe() -> None:
     assert EnginePlan("mpiexec", 2, ("a",), 2).describe() == "2 engines on 1 node via mpiexec"
     assert EnginePlan("srun", 6, ("a", "b", "c"), 2).describe() == "6 engines on 3 nodes via srun"
+
+
+def test_security_mode(monkeypatch) -> None:
+    """auto is curve wherever libzmq has it (loopback too); without it: hmac on loopback with a warning,
+    refused beyond loopback; an explicit curve without it is refused; hmac is hmac."""
+    import zmq
+
+    from ipmtc.errors import SecurityError, SecurityWarning
+
+    assert launch.security_mode("hmac", "10.1.2.3") == "hmac"
+    if zmq.has("curve"):
+        assert launch.security_mode("auto", "127.0.0.1") == launch.security_mode("auto", "10.1.2.3") == "curve"
+    monkeypatch.setattr(zmq, "has", lambda what: what != "curve")
+    with pytest.warns(SecurityWarning, match="signed but not encrypted"):
+        assert launch.security_mode("auto", "127.0.0.1") == "hmac"
+    with pytest.raises(SecurityError, match="the controller listens on 10.1.2.3 needs CurveZMQ"):
+        launch.security_mode("auto", "10.1.2.3")
+    with pytest.raises(SecurityError, match="security: curve needs CurveZMQ"):
+        launch.security_mode("curve", "127.0.0.1")

@@ -22,4 +22,6 @@ _key = secrets.token_hex(32)
 c.Session.key = _key.encode('ascii')
 from ipmtc._private import redact_in_logs  # noqa: E402
 redact_in_logs([_key])
-# security: hmac -- messages are signed, but cross the network in clear
+# security: curve -- every socket encrypted and authenticated with CurveZMQ (a fresh key pair
+# each start); the HMAC key above keeps messages signed too (curve alone would turn that off)
+c.IPController.enable_curve = True
