@@ -327,8 +327,8 @@ class Channel:
         if kind == b"chunk":
             eid, map_id = int(msg[1]), msg[2].decode()
             ident = idents.get(eid)
-            if ident is None:  # not (or no longer) listening: run it again elsewhere
-                self._lost(pickle.loads(msg[4])[1])
+            if ident is None or map_id not in maps:  # not (or no longer) listening, or an ended map's
+                self._lost(pickle.loads(msg[4])[1])  # chunk: run it again elsewhere (or not at all)
                 return True
             try:
                 if map_id not in told.setdefault(eid, set()):

@@ -272,3 +272,37 @@ def test_a_result_that_cannot_be_sent_back_fails_alone(rc):
     res = ipmtc.dynamic_map(lock_for_3, range(8), client=rc, chunksize=4, progress=False)
     assert [f.index for f in res.failed] == [3] and "cannot be sent back" in res.failed[0].evalue
     assert [res[i] for i in (0, 1, 2, 4, 5, 6, 7)] == [0, 1, 2, 4, 5, 6, 7]
+
+
+def _leave_marker(args):
+    import os
+    import uuid
+
+    folder, x = args
+    with open(os.path.join(folder, f"{x}-{uuid.uuid4().hex}"), "w"):
+        pass
+    return x
+
+
+def test_a_replayed_chunk_runs_once(rc, tmp_path, monkeypatch):
+    """A chunk message that reaches a listener twice (replayed, duplicated) is dropped: each task runs once."""
+    ipmtc.dynamic_map(abs, range(8), client=rc, progress=False)  # the listeners attach
+    wait_connected(chmod._CHANNELS[rc], set(rc.ids))
+    post, doubled = Channel._post, []
+
+    def twice(self, frames):
+        post(self, frames)
+        if frames[0] == b"chunk" and len(doubled) < 2:  # the same bytes again, right behind
+            doubled.append(frames)
+            post(self, frames)
+
+    monkeypatch.setattr(Channel, "_post", twice)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    res = ipmtc.dynamic_map(_leave_marker, [(str(marks), i) for i in range(12)], client=rc, progress=False,
+                            chunksize=3)
+    assert list(res) == list(range(12)) and len(doubled) == 2
+    # a map after the duplicates: the listeners took them in before its chunks
+    assert list(ipmtc.dynamic_map(_leave_marker, [(str(marks), 100)], client=rc, progress=False)) == [100]
+    runs = sorted(int(p.name.split("-")[0]) for p in marks.iterdir())
+    assert runs == [*range(12), 100], runs

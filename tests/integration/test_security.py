@@ -414,9 +414,18 @@ def test_a_profile_directory_with_an_acl_is_refused(open_ipython_dir, other_user
     pdir.mkdir(mode=0o700)
     os.chmod(pdir, 0o700)
     any_id = 0xFFFFFFFF  # (the owner, group, mask and other entries name no one)
-    entries = [(0x01, 7, any_id), (0x02, 5, pw.pw_uid), (0x04, 0, any_id), (0x10, 5, any_id), (0x20, 0, any_id)]
-    value = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)  # POSIX ACL, version 2
-    os.setxattr(pdir, "system.posix_acl_access", value)
+
+    def grant(mask: int) -> None:  # an entry for the other user; the mask is what the group bits show
+        entries = [(0x01, 7, any_id), (0x02, 5, pw.pw_uid), (0x04, 0, any_id), (0x10, mask, any_id),
+                   (0x20, 0, any_id)]
+        value = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)  # POSIX ACL, v2
+        os.setxattr(pdir, "system.posix_acl_access", value)
+
+    grant(5)  # r-x for the other user: the group bits show it too
+    with pytest.raises(SecurityError, match="open to other users .mode 0750"):
+        cluster.create_profile(profile="acl", flags={"launcher": "local"})
+    grant(0)  # masked to nothing today, mode 0700 -- one chmod g+rx away from letting the other user in
+    assert stat.S_IMODE(pdir.stat().st_mode) == 0o700
     with pytest.raises(SecurityError, match="access control list"):
         cluster.create_profile(profile="acl", flags={"launcher": "local"})
 
