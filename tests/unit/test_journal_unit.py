@@ -38,8 +38,8 @@ from ipmtc.commands import (
 )
 from ipmtc.errors import IpmtcError, JournalError
 from ipmtc.journal import Journal, JournalWarning, function_id, key_for, key_function, task_key
-from ipmtc.journal import reader as journal_reader
 from ipmtc.journal import inbox as journal_inbox
+from ipmtc.journal import reader as journal_reader
 from ipmtc.journal import writer as journal_writer
 from ipmtc.maps.result import TaskRecord
 
