@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -79,7 +80,7 @@ def write_private(path: Path, data: str | bytes) -> None:
     """Write ``path`` whole, 0600 from its first byte: a new temporary file (``O_EXCL``, ``O_NOFOLLOW``)
     renamed over it, its mode checked (a file system that ignores modes is refused)."""
     raw = data.encode() if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")  # never one a crash left
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE_FILE)
     try:
         view = memoryview(raw)

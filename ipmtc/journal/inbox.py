@@ -41,40 +41,57 @@ def inbox_path(journal: Path) -> Path:
     return Path(f"{journal}.inbox")
 
 
-def _valid(data: bytes) -> Iterator[tuple[int, int, int, int]]:
-    """(start, end, tasks, payload length) of each whole record, up to the first that is not."""
-    pos, size = 0, len(data)
-    while pos + HEADER.size <= size:
-        magic, length, crc, n = HEADER.unpack_from(data, pos)
-        end = pos + HEADER.size + length
-        if magic != MAGIC or end > size or zlib.crc32(data[pos + HEADER.size:end]) != crc:
+def _scan(fd: int) -> Iterator[tuple[int, int, bytes]]:
+    """(end offset, tasks, payload) of each whole record of the open file ``fd``, oldest first, up to the
+    first that is not whole. One record in memory at a time: an inbox of many large results is never
+    read at once."""
+    pos = 0
+    while True:
+        head = os.pread(fd, HEADER.size, pos)
+        if len(head) < HEADER.size:
             return
-        yield pos, end, n, length
-        pos = end
+        magic, length, crc, n = HEADER.unpack(head)
+        if magic != MAGIC:
+            return
+        payload = os.pread(fd, length, pos + HEADER.size)
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            return
+        pos += HEADER.size + length
+        yield pos, n, payload
 
 
-def _read(path: Path) -> bytes:
+def _whole_length(fd: int) -> int:
+    """Bytes of ``fd``'s file that hold whole records (what follows is a record cut short)."""
+    end = 0
+    for record_end, _, _ in _scan(fd):
+        end = record_end
+    return end
+
+
+def _scan_path(path: Path) -> Iterator[tuple[int, int, bytes]]:
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return b""
+        return
+    try:
+        yield from _scan(fd)
+    finally:
+        os.close(fd)
 
 
 def records(path: Path) -> Iterator[Record]:
     """Every whole record of the inbox at ``path``, oldest first (none if there is no file)."""
-    data = _read(path)
-    for start, end, n, _ in _valid(data):
-        run, recorded, batches = pickle.loads(data[start + HEADER.size:end])
+    for _, n, payload in _scan_path(path):
+        run, recorded, batches = pickle.loads(payload)
         yield run, recorded, n, batches
 
 
 def size(path: Path) -> tuple[int, int]:
-    """(tasks, payload bytes) in the inbox at ``path``: headers only, nothing unpickled."""
+    """(tasks, payload bytes) in the inbox at ``path`` (nothing unpickled)."""
     tasks = nbytes = 0
-    for _, _, n, length in _valid(_read(path)):
+    for _, n, payload in _scan_path(path):
         tasks += n
-        nbytes += length
+        nbytes += len(payload)
     return tasks, nbytes
 
 
@@ -86,9 +103,8 @@ class Inbox:
         # private from the first byte; a planted symlink is not followed
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            data = os.pread(self.fd, os.fstat(self.fd).st_size, 0)
-            self.end = max((end for _, end, _, _ in _valid(data)), default=0)
-            if self.end < len(data):  # a record cut short by a crash: cut it off before appending
+            self.end = _whole_length(self.fd)
+            if self.end < os.fstat(self.fd).st_size:  # a record cut short by a crash: cut it off
                 os.ftruncate(self.fd, self.end)
         except BaseException:
             os.close(self.fd)

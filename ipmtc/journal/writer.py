@@ -20,6 +20,7 @@ without writing) and releases the store.
 """
 from __future__ import annotations
 
+import itertools
 import operator
 import pickle
 import sqlite3
@@ -303,12 +304,13 @@ class Writer:
         """Fold the inbox into the tasks table (one transaction: all of it or nothing, oldest first), then
         empty the inbox (a crash in between folds the same records again: no change)."""
         with self.store.write_lock:
-            recs = list(inbox.records(self.store.inbox_path))
-            if recs:
+            recs = inbox.records(self.store.inbox_path)  # read one at a time
+            first = next(recs, None)
+            if first is not None:
                 conn = self.store.writer()
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    for run, recorded, _, batches in recs:
+                    for run, recorded, _, batches in itertools.chain([first], recs):
                         conn.executemany(_INSERT, inbox_rows(batches, run, recorded))
                     conn.execute("COMMIT")
                 except BaseException:

@@ -707,3 +707,30 @@ def test_journal_files_are_private_whatever_the_umask_and_symlinks_are_not_follo
         assert target.read_text() == ""
     finally:
         os.umask(old)
+
+
+def test_the_inbox_is_read_one_record_at_a_time(tmp_path, monkeypatch):
+    """An inbox of many large results is never read whole: opening, counting, folding go record by record."""
+    db = tmp_path / "run.db"
+    monkeypatch.setattr(journal_writer, "MERGE_ALWAYS", 0)
+    monkeypatch.setattr(journal_writer, "MERGE_COST_S", 1.0)  # leave everything in the inbox
+    big = b"x" * 200_000
+    with Journal.open(db, fn=square) as j:
+        for k in range(6):
+            j.add(rec(k), big)
+            j.flush()  # one record each
+    whole = journal_inbox.inbox_path(db).stat().st_size
+    asked: list[int] = []
+    pread = os.pread
+
+    def counting(fd, n, offset):
+        asked.append(n)
+        return pread(fd, n, offset)
+
+    monkeypatch.setattr(journal_inbox.os, "pread", counting)
+    assert journal_inbox.size(journal_inbox.inbox_path(db))[0] == 6
+    with Journal.open(db, fn=square) as j:
+        assert j.lookup(task_key(square, 5))[0] == big
+        j.compact()  # the fold
+    assert asked and max(asked) < whole / 3, (max(asked), whole)
+    assert unfolded(db) == 0
