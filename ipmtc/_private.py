@@ -97,7 +97,8 @@ def write_private(path: Path, data: str | bytes) -> None:
 
 
 def create_private(path: Path, flags: int = os.O_RDWR) -> int:
-    """Open ``path``, creating it 0600 if it is not there; never through a symbolic link. Returns the fd."""
+    """Open ``path`` with ``flags`` (``os.O_EXCL`` too, for a new file only), creating it 0600 if it is not
+    there; never through a symbolic link. Returns the fd."""
     return os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE_FILE)
 
 

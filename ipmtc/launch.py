@@ -71,11 +71,16 @@ def this_host_address() -> str:
         pass
     # The hostname maps to loopback (common in /etc/hosts): ask the routing table.
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("192.0.2.1", 9))  # TEST-NET-1; nothing is sent for UDP connect
-            return s.getsockname()[0]
+        return _route_source("192.0.2.1")  # TEST-NET-1: the default route
     except OSError:
         return socket.gethostname()
+
+
+def _route_source(peer: str) -> str:
+    """This node's address that the kernel would send from to ``peer`` (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((peer, 9))
+        return str(s.getsockname()[0])
 
 
 def _is_this_host(hosts: tuple[str, ...]) -> bool:
@@ -198,10 +203,7 @@ def address_toward(hosts: tuple[str, ...]) -> str:
         if host in me or host.split(".")[0] in me:
             continue
         try:
-            peer = socket.gethostbyname(host)
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.connect((peer, 9))  # sends nothing: picks the route's source address
-                return str(s.getsockname()[0])
+            return _route_source(socket.gethostbyname(host))
         except OSError:
             continue
     return this_host_address()

@@ -30,6 +30,8 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+from .._private import create_private
+
 MAGIC = b"IJI1"
 HEADER = struct.Struct("<4sIII")  # magic, payload length, crc32(payload), tasks
 SYNC_INTERVAL_S = 1.0  # the longest a committed record waits for fsync (a node crash loses at most this)
@@ -101,7 +103,7 @@ class Inbox:
     def __init__(self, path: Path) -> None:
         self.path = path
         # private from the first byte; a planted symlink is not followed
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self.fd = create_private(path, os.O_RDWR | os.O_APPEND)
         try:
             self.end = _whole_length(self.fd)
             if self.end < os.fstat(self.fd).st_size:  # a record cut short by a crash: cut it off

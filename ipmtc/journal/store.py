@@ -21,7 +21,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._private import check_owned
+from .._private import check_owned, create_private
 from ..errors import JournalError, JournalWarning, SecurityError
 from . import inbox
 from .inbox import Inbox
@@ -141,7 +141,7 @@ class Store:
             raise JournalError(f"cannot create journal {p}: directory {p.parent} does not exist")
         lock_path = Path(f"{p}.lock")
         try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)  # (who holds it)
+            fd = create_private(lock_path)  # (it says who holds it)
         except OSError as e:
             raise JournalError(f"cannot create the journal lock file {lock_path} ({e.strerror}): the journal's "
                                "directory must be writable; pick another journal path") from None
@@ -196,7 +196,7 @@ class Store:
             return False
         image = self._image(context)
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = create_private(self.path, os.O_WRONLY | os.O_EXCL)
         except FileExistsError:
             return False
         except OSError as e:

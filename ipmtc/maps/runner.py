@@ -293,11 +293,13 @@ def _for_journal(prefix: bytes, tasks: list, rows: list[Row]) -> tuple[bytes, by
         inputs = [by_index[row[0]] for row in ok]
     keys, bad = pack_keys(prefix, inputs)
     dumps, proto = pickle.dumps, pickle.HIGHEST_PROTOCOL
-    try:
-        if bad:
-            raise ValueError("inputs that cannot be keyed")  # the slow path below
-        blob = dumps(ok, protocol=proto)
-    except Exception:  # an input that cannot be keyed, a result plain pickle cannot take: the driver's
+    blob = None
+    if not bad:
+        try:
+            blob = dumps(ok, protocol=proto)
+        except Exception:  # some result plain pickle cannot take
+            pass
+    if blob is None:  # an input that cannot be keyed, a result plain pickle cannot take: the driver's
         skip, keep, keep_inputs = set(bad), [], []
         for pos, (row, item) in enumerate(zip(ok, inputs)):
             try:

@@ -274,8 +274,9 @@ def gated_marked(args):
     import time
 
     i, marks, gate = args
-    while i >= 40 and not os.path.exists(gate):
-        time.sleep(0.01)
+    deadline = time.monotonic() + 120  # (the test's own wait fails long before)
+    while i >= 40 and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.01)  # a polling step of the wait on the gate file
     return marked((i, marks))
 
 

@@ -29,7 +29,7 @@ from ipmtc import cluster
 from ipmtc.errors import JournalError, SecurityError
 from ipmtc.journal import Journal
 
-from ..conftest import stop_and_check, wait_all_dead
+from ..conftest import processes_with_env, stop_and_check, wait_all_dead
 
 MARKER = "ipmtc-secret-marker-7f3a"
 ETH_P_ALL = 0x0003
@@ -57,15 +57,9 @@ def open_ipython_dir(monkeypatch):
     os.chmod(d, 0o755)
     monkeypatch.setenv("IPYTHONDIR", str(d))
     yield d
-    left = wait_all_dead(_pids_with_env(f"IPYTHONDIR={d}"), timeout_s=10)
+    left = wait_all_dead(processes_with_env(f"IPYTHONDIR={d}"), timeout_s=10)
     shutil.rmtree(root, ignore_errors=True)
     assert not left, f"processes left running by the test: {left}"
-
-
-def _pids_with_env(marker: str) -> list[int]:
-    from ipmtc import _proc
-
-    return [p for p in _proc.pids_with_env(marker) if p != os.getpid()]
 
 
 @pytest.fixture
