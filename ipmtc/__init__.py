@@ -20,6 +20,7 @@ from .errors import (
                      MapError,
                      NoClusterError,
                      PresetError,
+                     ResourceError,
                      SecurityError,
                      StartupError,
 )
@@ -30,7 +31,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AllocationError", "ClusterError", "ClusterInfo", "ControllerLostError", "EnginesLostError", "IpmtcError",
     "JournalError", "MapStream", "imap",
-    "MapError", "NoClusterError", "PresetError", "SecurityError", "StartupError", "connect", "list_clusters", "start",
+    "MapError", "NoClusterError", "PresetError", "ResourceError", "SecurityError", "StartupError", "connect",
+    "list_clusters", "start",
     "status", "stop", "__version__", "MapResult", "TaskFailure", "TaskRecord", "dynamic_map", "static_map",
     "run_commands",
 ]

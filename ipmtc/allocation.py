@@ -26,10 +26,12 @@ class Allocation:
     hosts: tuple[str, ...]  # distinct hosts, allocation order
     slots_per_host: tuple[int, ...]  # task slots per host, same order as hosts
     nodefile: str | None = None  # PBS node file path (for mpiexec -machinefile)
+    cpus_per_host: tuple[int, ...] = ()  # cores per host, same order ((): one per task slot)
 
     def __post_init__(self) -> None:
         # Catch construction bugs early rather than mis-placing engines later.
-        if len(self.hosts) != len(self.slots_per_host):
+        if len(self.hosts) != len(self.slots_per_host) or self.cpus_per_host and \
+                len(self.cpus_per_host) != len(self.hosts):
             raise AllocationError(
                 f"internal: {len(self.hosts)} hosts but {len(self.slots_per_host)} slot counts"
             )
@@ -41,6 +43,11 @@ class Allocation:
     @property
     def total_slots(self) -> int:
         return sum(self.slots_per_host)
+
+    @property
+    def cores(self) -> tuple[int, ...]:
+        """Cores per host: what the batch system gave this job there (its task slots where it does not say)."""
+        return self.cpus_per_host or self.slots_per_host
 
     @property
     def is_batch(self) -> bool:
@@ -73,6 +80,7 @@ class Allocation:
             hosts=self.hosts[:n_hosts],
             slots_per_host=self.slots_per_host[:n_hosts],
             nodefile=None,
+            cpus_per_host=self.cpus_per_host[:n_hosts],
         )
 
     def describe(self) -> str:
@@ -164,7 +172,13 @@ def _slurm(environ: Mapping[str, str]) -> Allocation:
             slots = [cpus] * n
         else:
             slots = [1] * n
-    return Allocation("slurm", environ["SLURM_JOB_ID"].strip(), tuple(hosts), tuple(slots))
+    cores: tuple[int, ...] = ()
+    per_node = environ.get("SLURM_JOB_CPUS_PER_NODE", "").strip()  # e.g. 16(x4): cores, whatever the tasks
+    if per_node:
+        parsed = parse_tasks_per_node(per_node)
+        if len(parsed) == n:
+            cores = tuple(parsed)
+    return Allocation("slurm", environ["SLURM_JOB_ID"].strip(), tuple(hosts), tuple(slots), cpus_per_host=cores)
 
 
 def _pbs(environ: Mapping[str, str]) -> Allocation:
@@ -216,12 +230,8 @@ def _lsf(environ: Mapping[str, str]) -> Allocation:
 
 
 def _local(cpu_count: int | None, hostname: str | None) -> Allocation:
-    return Allocation(
-        "local",
-        None,
-        (hostname or socket.gethostname(),),
-        (cpu_count or os.cpu_count() or 1,),
-    )
+    n = cpu_count or len(os.sched_getaffinity(0)) or 1  # the CPUs this process may use (taskset, cgroups)
+    return Allocation("local", None, (hostname or socket.gethostname(),), (n,))
 
 
 def detect(

@@ -79,6 +79,13 @@ set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
 @click.option("--nodes", type=int, help="nodes of the allocation to use (default: all)")
 @click.option("--engines-per-node", type=int, help="engines on each node (default: the job's tasks per node)")
 @click.option("--engines", type=int, help="total engines (default: one per task slot / core)")
+@click.option("--cores-per-engine", type=int, metavar="K",
+              help="pin each engine to K cores (engines per node = cores / K; OMP_NUM_THREADS=K)")
+@click.option("--gpus-per-engine", type=int, metavar="G",
+              help="each engine sees G GPUs of its own (engines per node = GPUs / G)")
+@click.option("--threads-per-engine", type=int, metavar="T", help="OMP/MKL/OpenBLAS threads (default: its cores)")
+@click.option("--pool", "pools", multiple=True, metavar="NAME:KEY=V,...",
+              help="a named engine pool (repeatable), e.g. --pool gpu:gpus-per-engine=1 --pool cpu:cores-per-engine=1")
 @click.option("--launcher", type=click.Choice(_presets.LAUNCHERS), help="how engines start")
 @preset_option
 @profile_option
@@ -86,10 +93,13 @@ set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
 @click.option("--timeout-s", type=float, help="how long to wait for all engines to register")
 @click.option("--foreground", is_flag=True, help="stay in the foreground; Ctrl-C or SIGTERM stops the cluster")
 @_fail_cleanly
-def start(nodes, engines_per_node, engines, launcher, preset, profile, sets, timeout_s, foreground):
+def start(nodes, engines_per_node, engines, cores_per_engine, gpus_per_engine, threads_per_engine, pools, launcher,
+          preset, profile, sets, timeout_s, foreground):
     """Start a controller here and engines across the allocation."""
     flags = {**_parse_sets(sets), "engines_per_node": engines_per_node, "launcher": launcher,
-             "start_timeout_s": timeout_s}
+             "start_timeout_s": timeout_s, "cores_per_engine": cores_per_engine,
+             "gpus_per_engine": gpus_per_engine, "threads_per_engine": threads_per_engine,
+             "pools": list(pools) or None}
     tty = sys.stderr.isatty()
 
     def progress(done: int, total: int) -> None:
@@ -143,8 +153,9 @@ def stop(profile, force):
 
 @main.command()
 @profile_option
+@click.option("--verbose", "-v", is_flag=True, help="list every engine's pool, cores and GPUs, however many")
 @_fail_cleanly
-def status(profile):
+def status(profile, verbose):
     """Engines per host, tasks queued/running/done, uptime."""
     st = _cluster.status(profile)
     if not st["running"]:
@@ -158,6 +169,19 @@ def status(profile):
     click.echo(f"  engines: {st['engines']}/{st['expected_engines']} registered")
     for host, n in st["engines_per_host"].items():
         click.echo(f"    {host}: {n}")
+    pools = st.get("pools", {})
+    if len(pools) > 1 or any(p.get("cores_per_engine", 1) > 1 or p.get("gpus", 0) for p in pools.values()):
+        for name, p in pools.items():
+            click.echo(f"  pool {name}: {p['engines']} engines, {p['tasks_running']} tasks running, "
+                       f"{p['tasks_done']} done")
+    rows = st.get("engine_rows", [])
+    if rows and (len(rows) <= 64 or verbose):
+        click.echo(f"  {'engine':>6s} {'pool':10s} {'node':12s} {'cores':10s} {'cpus':10s} gpus")
+        for r in rows:
+            click.echo(f"  {r['id']:>6} {r['pool']:10s} {r['node']:12s} {r['cores'] or '-':10s} {r['cpus'] or '-':10s} "
+                       f"{r['gpus'] or '-'}")
+    elif rows:
+        click.echo(f"  ({len(rows)} engines: --verbose lists each one's cores and GPUs)")
     click.echo(f"  tasks: {st['tasks_queued']} queued, {st['tasks_running']} running, {st['tasks_done']} done")
 
 

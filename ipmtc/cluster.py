@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _ipp, _proc, allocation, presets
+from . import _ipp, _proc, allocation, presets, resources
 from ._private import PRIVATE_UMASK, write_private
 from .errors import ClusterError, ClusterRunningError, LauncherNotFoundError, NoClusterError, StartupError
-from .launch import EnginePlan, engine_cmd, plan_engines
+from .launch import EnginePlan, asks_gpus, engine_cmd, plan_engines
 from .profile import default_name, ipython_dir, profile_dir, write_profile
 
 STATE_FILE = "ipmtc-cluster.json"
@@ -149,13 +149,15 @@ def connect(profile: str | None = None, *, timeout_s: float = 10.0, wait_for_eng
 
 
 def _engine_info() -> dict[str, Any]:
-    """Run on each engine once: where it is (fake Slurm nodes share a hostname)."""
+    """Run on each engine once: where it is (fake Slurm nodes share a hostname), its pool, cores, GPUs."""
     import os
     import socket
 
+    from ipmtc.resources import engine_resources
+
     return {"host": socket.gethostname(), "pid": os.getpid(),
             "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
-            "rank": os.environ.get("PMI_RANK") or os.environ.get("SLURM_PROCID")}
+            "rank": os.environ.get("PMI_RANK") or os.environ.get("SLURM_PROCID"), **engine_resources()}
 
 
 def _tail(path: str | os.PathLike, n: int = LOG_TAIL_LINES) -> str:
@@ -200,7 +202,8 @@ def resolve_setup(*, preset: str | None = None, flags: Mapping[str, Any] | None 
     environ = os.environ if environ is None else environ
     resolved = presets.resolve(preset, flags, environ)
     alloc = allocation.detect(environ)
-    plan = plan_engines(resolved.preset, alloc, nodes=nodes, engines=engines)
+    gpus = len(resources.node_gpus(environ).ids) if asks_gpus(resolved.preset) else 0
+    plan = plan_engines(resolved.preset, alloc, nodes=nodes, engines=engines, gpus_per_node=gpus)
     resolved = presets.concretize(resolved, plan.n_engines)
     name = profile or environ.get("IPMTC_PROFILE") or default_name(alloc)
     return Setup(resolved, alloc, plan, name)
@@ -309,12 +312,18 @@ def _start(cluster, plan: EnginePlan) -> None:
     # Slurm's pmi2 plugin: MPI_Init now and then hung ("mpi/pmi2: value not properly
     # terminated") and every killed singleton left a /dev/shm segment behind.
     engine_env = {"SLURM_MPI_TYPE": "none", "IPMTC_ENGINE_MPI": "0"} if plan.launcher == "srun" else {}
-    if plan.launcher == "local":
-        # one process imports ipyparallel once and forks the N engines: N fresh Pythons each
-        # importing it were most of the start-up (measured: 6.6 s -> 4.5 s for 8 engines, 2 cores)
-        cluster.start_engines_sync(n=1, engine_cmd=engine_cmd(copies=plan.n_engines))
-    else:
-        cluster.start_engines_sync(n=plan.n_engines, environment=engine_env)
+    machinefile = Path(cluster.profile_dir) / "machinefile"
+    for pool in plan.pools:  # each pool: one launch, its layout in the engines' environment
+        env = {**engine_env, resources.BIND_ENV: pool.env()}
+        if plan.launcher == "local":
+            # one process imports ipyparallel once and forks the N engines: N fresh Pythons each
+            # importing it were most of the start-up (measured: 6.6 s -> 4.5 s for 8 engines, 2 cores)
+            cluster.start_engines_sync(n=1, engine_cmd=engine_cmd(copies=plan.pool_engines(pool)), environment=env)
+        elif len(plan.pools) == 1:  # the profile's arguments (what `ipcluster engines` would use too)
+            cluster.start_engines_sync(n=plan.n_engines, environment=env)
+        else:
+            args = plan.pool_args(pool) + (("-machinefile", str(machinefile)) if plan.machinefile_lines else ())
+            cluster.start_engines_sync(n=plan.pool_engines(pool), environment=env, mpi_args=list(args))
 
 
 def _wait_for_registration(cluster, client, plan: EnginePlan, deadline: float, timeout_s: float,
@@ -448,15 +457,30 @@ def status(profile: str | None = None, *, timeout_s: float = 5.0) -> dict[str, A
             except Exception:  # busy engines do not answer now; shown as unknown
                 pass
         per_host: dict[str, int] = {}
+        pools: dict[str, dict[str, int]] = {}
+        rows = []
         for i in ids:
-            node = info.engines.get(str(i), {}).get("node", "unknown (busy)")
+            e = info.engines.get(str(i), {})
+            node = e.get("node", "unknown (busy)")
             per_host[node] = per_host.get(node, 0) + 1
+            pool = e.get("pool", "?")
+            q = queues.get(i, {})
+            p = pools.setdefault(pool, {"engines": 0, "tasks_running": 0, "tasks_done": 0, "gpus": 0,
+                                        "cores_per_engine": 1})
+            p["engines"] += 1
+            p["tasks_running"] += q.get("tasks", 0)
+            p["tasks_done"] += q.get("completed", 0)
+            p["gpus"] += len([g for g in str(e.get("gpus", "")).split(",") if g])
+            n_cores = len([c for c in str(e.get("cores", "")).split(",") if c])
+            p["cores_per_engine"] = max(p["cores_per_engine"], n_cores)
+            rows.append({"id": i, "pool": pool, "node": node, "cores": str(e.get("cores", "")),
+                         "cpus": str(e.get("cpus", "")), "gpus": str(e.get("gpus", ""))})
         running = sum(q.get("tasks", 0) for k, q in queues.items() if isinstance(k, int))
         queued = sum(q.get("queue", 0) for k, q in queues.items() if isinstance(k, int))
         done = sum(q.get("completed", 0) for k, q in queues.items() if isinstance(k, int))
         out.update(engines=len(ids), engines_per_host=dict(sorted(per_host.items())),
                    tasks_running=running, tasks_queued=queued + queues.get("unassigned", 0),
-                   tasks_done=done)
+                   tasks_done=done, pools=dict(sorted(pools.items())), engine_rows=rows)
     finally:
         client.close()
     return out

@@ -185,6 +185,21 @@ def _private() -> None:
     redact_in_logs([key])
 
 
+def _bind(copy: int | None) -> None:
+    """Pin this engine to its cores and GPUs (its pool's layout in $IPMTC_ENGINE_BIND), before user code runs."""
+    from .resources import bind_from_environ
+
+    try:
+        done = bind_from_environ(copy)
+    except Exception as e:  # a node unlike the one `ipmtc start` planned for: say why in the engine's log
+        print(f"ipmtc.engine: cannot bind this engine: {e}", file=sys.stderr, flush=True)
+        os._exit(3)
+    if done is not None:
+        note = " (this node has fewer CPUs than cores asked for: cores share CPUs)" if done["wrapped"] else ""
+        print(f"ipmtc.engine: pool {done['pool']}, cores {done['cores']} on CPUs {done['cpus']}, "
+              f"GPUs {done['gpus'] or '-'}, {done['threads']} threads{note}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     copies = _pop_copies(sys.argv)
     mpi = "--mpi" in sys.argv
@@ -201,8 +216,11 @@ def main() -> None:
         _own_log("rank" + (os.environ.get("PMI_RANK") or os.environ.get("SLURM_PROCID") or "x"))
     from ipyparallel.engine import app
 
+    copy = None
     if copies:
-        _own_log(f"local{_fork_copies(copies)}")
+        copy = _fork_copies(copies)
+        _own_log(f"local{copy}")
+    _bind(copy)
     _ipp.install_nanny_starter(_NannyFork().start_nanny)
     app.main()
 

@@ -26,6 +26,10 @@ class AllocationError(IpmtcError):
     """The batch allocation cannot be read or does not fit the request."""
 
 
+class ResourceError(AllocationError):
+    """Cores, GPUs or pools asked for that no node of the allocation has (or a malformed request)."""
+
+
 class ClusterError(IpmtcError):
     """A cluster cannot be found, started, reached or stopped."""
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from .allocation import Allocation
 from .errors import AllocationError, LauncherNotFoundError, SecurityError, SecurityWarning
 from .presets import AUTO, Preset
+from .resources import DEFAULT_POOL, PoolLayout, layout, pools_from
 
 # hydra's mpiexec kills every rank when one dies unless told not to; srun does
 # the same on sites with KillOnBadExit=1 or a non-zero WaitTime.
@@ -41,10 +42,40 @@ class EnginePlan:
     controller_location: str = "127.0.0.1"
     machinefile_lines: tuple[str, ...] = ()  # hydra machine file for a PBS/LSF subset
     security: str = "curve"  # "curve": CurveZMQ on every socket (and HMAC); "hmac": signed, in clear
+    pools: tuple[PoolLayout, ...] = ()  # the engine pools on each node, in start order
 
     def describe(self) -> str:
         where = f"{len(self.hosts)} node{'s' if len(self.hosts) != 1 else ''}"
-        return f"{self.n_engines} engines on {where} via {self.launcher}"
+        pools = "; " + "; ".join(p.describe() for p in self.pools) if self.resources_asked else ""
+        return f"{self.n_engines} engines on {where} via {self.launcher}{pools}"
+
+    @property
+    def resources_asked(self) -> bool:
+        """Pools, or engines of more than one core or with GPUs (else: one single-core engine per slot)."""
+        return len(self.pools) > 1 or any(p.cores_per_engine > 1 or p.gpus_per_engine for p in self.pools)
+
+    def pool_engines(self, pool: PoolLayout) -> int:
+        """How many engines of ``pool`` start (all of them when it is the only pool)."""
+        return self.n_engines if len(self.pools) == 1 else pool.engines_per_node * len(self.hosts)
+
+    def pool_args(self, pool: PoolLayout) -> tuple[str, ...]:
+        """The launcher's arguments for one pool's engines (each pool is one srun step / mpiexec / forker)."""
+        if len(self.pools) <= 1 or self.launcher == "local":
+            return self.mpi_args
+        out: list[str] = []
+        skip = False
+        for a in self.mpi_args:  # the plan's per-node count is all pools'; each launch gets its own
+            if skip:
+                skip = False
+            elif a in ("--ntasks-per-node", "-ppn", "--cpus-per-task"):
+                skip = True
+            else:
+                out.append(a)
+        if self.launcher == "srun":
+            # each pool's step holds only its own CPUs, so that the next pool's step can start
+            return ("--ntasks-per-node", str(pool.engines_per_node), "--cpus-per-task", str(pool.cores_per_engine),
+                    "--exact", *out)
+        return ("-ppn", str(pool.engines_per_node), *out)
 
 
 def engine_cmd(copies: int = 0) -> list[str]:
@@ -88,9 +119,19 @@ def _is_this_host(hosts: tuple[str, ...]) -> bool:
     return len(hosts) == 1 and (hosts[0] in me or hosts[0].split(".")[0] in me)
 
 
+def asks_gpus(preset: Preset) -> bool:
+    """Whether a start with ``preset`` needs to know the node's GPUs."""
+    return bool(preset.gpus_per_engine) or any("gpus-per-engine=" in t.replace("_", "-") and
+                                               "gpus-per-engine=0" not in t.replace("_", "-") for t in preset.pools)
+
+
 def plan_engines(preset: Preset, alloc: Allocation, *, nodes: int | None = None,
-                 engines: int | None = None) -> EnginePlan:
-    """Turn the user's counts into an :class:`EnginePlan`; bad combinations raise one-line errors."""
+                 engines: int | None = None, gpus_per_node: int = 0) -> EnginePlan:
+    """Turn the user's counts into an :class:`EnginePlan`; bad combinations raise one-line errors.
+
+    ``gpus_per_node``: the GPUs of the node ``ipmtc start`` runs on (:func:`ipmtc.resources.node_gpus`),
+    taken to be every node's.
+    """
     if nodes is not None and nodes < 1:
         raise AllocationError(f"--nodes {nodes}: must be at least 1")
     if engines is not None and engines < 1:
@@ -100,12 +141,45 @@ def plan_engines(preset: Preset, alloc: Allocation, *, nodes: int | None = None,
         n, hosts, epn = _count_on_one_node(preset, alloc, launcher, nodes, engines)
     else:
         n, hosts, epn = _count_across_nodes(preset, alloc, nodes, engines)
+    pools = _pools(preset, alloc, hosts, epn, engines, gpus_per_node)
+    if len(pools) > 1 or pools[0].cores_per_engine > 1 or pools[0].gpus_per_engine:
+        epn = sum(p.engines_per_node for p in pools)
+        n = epn * len(hosts)
     mpi_cmd, mpi_args, machinefile = _launcher_args(preset, alloc, launcher, hosts, n, epn)
+    if len(pools) == 1 and pools[0].cores_per_engine > 1 and launcher == "srun":
+        mpi_args = ("--cpus-per-task", str(pools[0].cores_per_engine)) + mpi_args
     ip, location = _controller_addresses(preset, launcher, hosts)
     return EnginePlan(launcher=launcher, n_engines=n, hosts=tuple(hosts), engines_per_node=epn,
                       mpi_cmd=mpi_cmd, mpi_args=mpi_args, controller_ip=ip,
                       controller_location=location, machinefile_lines=machinefile,
-                      security=security_mode(preset.security, ip))
+                      security=security_mode(preset.security, ip), pools=pools)
+
+
+def _pools(preset: Preset, alloc: Allocation, hosts: tuple[str, ...], epn: int, engines: int | None,
+           gpus_per_node: int) -> tuple[PoolLayout, ...]:
+    """The pools on each node. Without pools or per-engine resources: one pool of the counted engines,
+    single-core, pinned only where every engine has a CPU of its own (the common one engine per core)."""
+    threads = None if preset.threads_per_engine == AUTO else int(preset.threads_per_engine)
+    simple = not preset.pools and preset.cores_per_engine == 1 and not preset.gpus_per_engine
+    if simple:
+        return (PoolLayout(DEFAULT_POOL, epn, 1, 0, threads or 1, pool_cores=epn, node_cores=epn, pin="fit"),)
+    if preset.pools and (preset.cores_per_engine != 1 or preset.gpus_per_engine or
+                         preset.engines_per_node != AUTO or threads is not None):
+        raise AllocationError("with pools, give cores-per-engine, gpus-per-engine, engines-per-node and "
+                              "threads-per-engine inside each --pool (e.g. --pool cpu:cores-per-engine=2)")
+    if engines is not None and (preset.pools or engines % len(hosts)):
+        raise AllocationError(f"--engines {engines} with {'pools' if preset.pools else 'resources per engine'}: "
+                              "give --nodes and per-node counts instead (engines-per-node)")
+    given_epn: int | None = epn if (engines is not None or preset.engines_per_node != AUTO) else None
+    cpe = int(preset.cores_per_engine)
+    asked = pools_from(preset.pools, cores_per_engine=cpe if cpe > 1 else None,
+                       gpus_per_engine=int(preset.gpus_per_engine), engines_per_node=given_epn,
+                       threads_per_engine=threads)
+    where_hosts = [h for h in hosts if h in alloc.hosts] or list(alloc.hosts)
+    cores = min(c for h, c in zip(alloc.hosts, alloc.cores) if h in where_hosts) if alloc.is_batch \
+        else alloc.cores[0]
+    where = f"each node of {alloc.describe()} ({cores} cores)" if alloc.is_batch else f"this machine ({cores} cores)"
+    return layout(asked, cores, gpus_per_node, where=where)
 
 
 def _choose_launcher(preset: Preset, alloc: Allocation) -> str:

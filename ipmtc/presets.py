@@ -51,22 +51,28 @@ class Preset:
     engines_per_node: int | str = AUTO  # default: the allocation's task slots per node
     log_level: str = "INFO"
     crash_limit: int = 3  # maps: engines a task may take down before it fails as EngineCrashes
+    cores_per_engine: int = 1  # cores each engine is pinned to (OMP_NUM_THREADS & co. follow)
+    gpus_per_engine: int = 0  # GPUs each engine sees alone (CUDA_VISIBLE_DEVICES & co.)
+    threads_per_engine: int | str = AUTO  # OMP/MKL/OpenBLAS threads per engine ('auto': its cores)
+    pools: tuple[str, ...] = ()  # named engine pools, e.g. ["gpu:gpus-per-engine=1", "cpu:cores-per-engine=1"]
     security: str = "auto"  # curve: CurveZMQ + HMAC on every socket; hmac: signed only; auto: curve if libzmq has it
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(Preset)}
 AUTO_OK = {"heartbeat_period_ms", "heartbeat_misses", "engine_heartbeat_misses",
            "registration_timeout_s", "engine_timeout_s", "start_timeout_s",
-           "controller_ip", "controller_location", "engines_per_node"}
+           "controller_ip", "controller_location", "engines_per_node", "threads_per_engine"}
 CHOICES = {"scheme": SCHEMES, "task_db": TASK_DBS, "launcher": LAUNCHERS, "log_level": LOG_LEVELS,
            "security": SECURITY}
 # minimum allowed value (inclusive) and whether 0 is allowed for numeric keys
 MINIMUM: dict[str, float] = {"hwm": 0, "heartbeat_period_ms": 1, "heartbeat_misses": 1,
                              "engine_heartbeat_misses": 0, "registration_timeout_s": 0.001,
                              "engine_timeout_s": 0.001, "start_timeout_s": 0.001,
-                             "engines_per_node": 1, "crash_limit": 1}
+                             "engines_per_node": 1, "crash_limit": 1, "cores_per_engine": 1,
+                             "gpus_per_engine": 0, "threads_per_engine": 1}
 INTEGER_KEYS = ("hwm", "heartbeat_period_ms", "heartbeat_misses", "engine_heartbeat_misses", "engines_per_node",
-                "crash_limit")
+                "crash_limit", "cores_per_engine", "gpus_per_engine", "threads_per_engine")
+LIST_KEYS = ("mpi_args", "pools")
 
 
 @dataclass(frozen=True)
@@ -144,12 +150,18 @@ def coerce(key: str, value: Any, origin: str) -> Any:
         raise PresetError(f"{origin}: {key} cannot be 'auto'; give a value")
     default = FIELDS[key].default
     try:
-        if key == "mpi_args":
+        if key in LIST_KEYS:
             if isinstance(value, str):
-                return tuple(shlex.split(value))
+                value = shlex.split(value)
             if not isinstance(value, (list, tuple)):
                 raise TypeError
-            return tuple(str(v) for v in value)
+            out = tuple(str(v) for v in value)
+            if key == "pools":
+                from .resources import parse_pool
+
+                for text in out:
+                    parse_pool(text, f"{origin}: pools entry")
+            return out
         if key in MINIMUM:
             is_int = key in INTEGER_KEYS
             if isinstance(value, bool):
@@ -170,7 +182,7 @@ def coerce(key: str, value: Any, origin: str) -> Any:
             raise PresetError(f"{origin}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
         return value
     except (TypeError, ValueError, OverflowError):
-        kind = ("list of strings" if key == "mpi_args" else "whole number" if key in INTEGER_KEYS
+        kind = ("list of strings" if key in LIST_KEYS else "whole number" if key in INTEGER_KEYS
                 else "number" if key in MINIMUM else type(default).__name__)
         if key in AUTO_OK:
             kind += " or 'auto'"

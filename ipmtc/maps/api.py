@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numbers
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -77,6 +78,38 @@ def _client_and_views(client):
     raise MapError(f"client must be an ipyparallel Client or view, got {type(client).__name__}")
 
 
+_POOLS: weakref.WeakKeyDictionary[Any, dict[int, str]] = weakref.WeakKeyDictionary()  # client -> engine -> pool
+POOL_ASK_TIMEOUT_S = 30.0
+
+
+def _pool_of() -> str:
+    """Run on an engine: the pool ``ipmtc start`` put it in."""
+    import os
+
+    return os.environ.get("IPMTC_POOL", "default")
+
+
+def _pool_engines(rc: Any, pool: str, ids: list[int] | None) -> list[int]:
+    """The engines of ``pool`` among ``ids`` (all: None); each engine is asked once per client."""
+    if not isinstance(pool, str) or not pool:
+        raise MapError(f"pool must be the name of an engine pool (a string), got {pool!r}")
+    candidates = list(rc.ids) if ids is None else ids
+    known = _POOLS.setdefault(rc, {})
+    ask = [i for i in candidates if i not in known]
+    if ask:
+        try:
+            known.update(zip(ask, rc[ask].apply_async(_pool_of).get(timeout=POOL_ASK_TIMEOUT_S)))
+        except Exception as e:
+            raise MapError(f"could not ask engines {ask[:8]} for their pool ({type(e).__name__}); they may be "
+                           "busy with another map: try again when it ended") from None
+    members = [i for i in candidates if known.get(i) == pool]
+    if not members:
+        names = ", ".join(sorted(set(known[i] for i in candidates if i in known))) or "none"
+        raise MapError(f"no engine of pool {pool!r} in this cluster (its pools: {names}); start one with "
+                       f"`ipmtc start --pool {pool}:...` or leave pool= out")
+    return members
+
+
 def _source(items: Iterable[Any]):
     return iter(enumerate(items))
 
@@ -110,6 +143,7 @@ class MapArgs:
     retry_failed: bool = False
     crash_limit: int | None = None
     max_rss_mb: float | None = None
+    pool: str | None = None
 
 
 def _crash_limit(given: int | None) -> int:
@@ -164,6 +198,8 @@ def _prepare(schedule: Schedule, fn: Callable, items: Any, a: MapArgs,
     rc, engines = _client_and_views(a.client)
     if not rc.ids:
         raise MapError("the cluster has no engines; start some with `ipmtc start` and try again")
+    if a.pool is not None:
+        engines = _pool_engines(rc, a.pool, engines)
     jr = None if a.journal is None else _open_journal(a.journal, fn, a.retry_failed)
     try:
         spec, opts = _settings(schedule, fn, a, jr, stream)
@@ -254,6 +290,7 @@ _COMMON_DOC = """
     fast_abort: a task running longer than ``fast_abort`` x the median is aborted and rerun elsewhere.
     drain_at: epoch seconds; ``"auto"`` (default) = the batch job's end time, None = never. No task is
         handed out that would not finish ``drain_margin_s`` before it; the rest is reported in ``res.undone``.
+    pool: run only on the engines of this pool (``ipmtc start --pool NAME:...``); None: on every engine.
     journal: path of an SQLite journal: finished tasks are skipped when the map is run again. The key
         is the function's module + qualname and the input, not its code: after changing what fn
         computes, use a new journal (or ``key=`` with a version).
@@ -265,10 +302,10 @@ def dynamic_map(fn: Callable, items: Iterable[Any], *, client=None, retries: int
                 ordered: bool = True, star: bool = False, progress: bool = True, drain_at: float | str | None = "auto",
                 drain_margin_s: float = 30.0, journal=None, key: Callable[[Any], str] | None = None,
                 retry_failed: bool = False, crash_limit: int | None = None,
-                max_rss_mb: float | None = None) -> MapResult:
+                max_rss_mb: float | None = None, pool: str | None = None) -> MapResult:
     return _map("dynamic", fn, items, MapArgs(
         client, retries, walltime_s, chunksize, fast_abort, ordered, star, progress, drain_at, drain_margin_s,
-        journal, key, retry_failed, crash_limit, max_rss_mb))
+        journal, key, retry_failed, crash_limit, max_rss_mb, pool))
 
 
 def static_map(fn: Callable, items: Iterable[Any], *, client=None, retries: int = 0,
@@ -276,10 +313,10 @@ def static_map(fn: Callable, items: Iterable[Any], *, client=None, retries: int 
                ordered: bool = True, star: bool = False, progress: bool = True, drain_at: float | str | None = "auto",
                drain_margin_s: float = 30.0, journal=None, key: Callable[[Any], str] | None = None,
                retry_failed: bool = False, crash_limit: int | None = None,
-               max_rss_mb: float | None = None) -> MapResult:
+               max_rss_mb: float | None = None, pool: str | None = None) -> MapResult:
     return _map("static", fn, items, MapArgs(
         client, retries, walltime_s, chunksize, fast_abort, ordered, star, progress, drain_at, drain_margin_s,
-        journal, key, retry_failed, crash_limit, max_rss_mb))
+        journal, key, retry_failed, crash_limit, max_rss_mb, pool))
 
 
 def imap(fn: Callable, items: Iterable[Any], *, client=None, retries: int = 0,
@@ -287,10 +324,10 @@ def imap(fn: Callable, items: Iterable[Any], *, client=None, retries: int = 0,
          ordered: bool = True, star: bool = False, progress: bool = True, drain_at: float | str | None = "auto",
          drain_margin_s: float = 30.0, journal=None, key: Callable[[Any], str] | None = None,
          retry_failed: bool = False, crash_limit: int | None = None,
-         max_rss_mb: float | None = None) -> MapStream:
+         max_rss_mb: float | None = None, pool: str | None = None) -> MapStream:
     return _stream("dynamic", fn, items, MapArgs(
         client, retries, walltime_s, chunksize, fast_abort, ordered, star, progress, drain_at, drain_margin_s,
-        journal, key, retry_failed, crash_limit, max_rss_mb))
+        journal, key, retry_failed, crash_limit, max_rss_mb, pool))
 
 
 dynamic_map.__doc__ = """Map ``fn`` over ``items``, handing out work as engines free up (best for variable task times).

@@ -9,6 +9,7 @@ import os
 import socket
 import stat
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ def _dynamic_local_8():
     alloc = Allocation("local", None, ("laptop",), (8,))
     resolved = resolve("dynamic", {}, {})
     plan = plan_engines(resolved.preset, alloc, engines=8)
-    assert plan == EnginePlan("local", 8, (socket.gethostname(),), 8)
+    assert replace(plan, pools=()) == EnginePlan("local", 8, (socket.gethostname(),), 8)
     return concretize(resolved, plan.n_engines), plan, alloc
 
 
