@@ -26,6 +26,7 @@ from typing import Any
 
 from .errors import CommandFailed, CommandWalltime, JournalError, TaskFileError
 from .outcomes import FAILED, OK, WALLTIME
+from .packing import Packer, parse_lines
 from .stats import task_stats
 
 KILL_GRACE_S = 5.0
@@ -157,13 +158,36 @@ def _tail(path: str, n: int = 300) -> str:
         return ""
 
 
-def run_command(task: tuple) -> dict[str, Any]:
-    """Run one command line (on an engine): ``(line, command, outdir, cwd, walltime_s)``.
+def _popen(cmd: str, launch: dict[str, Any] | None, env: dict[str, str], **kw: Any) -> subprocess.Popen:
+    """Start a line: under ``/bin/sh``; a K-core line pinned to its cores; an MPI line through its launcher."""
+    if launch is None:
+        return subprocess.Popen(cmd, shell=True, env=env, **kw)
+    if launch["kind"] == "mpi":
+        from .packing import launch_argv
 
-    Returns ``{"line", "exit", "duration_s"}``; raises :class:`CommandFailed`
+        return subprocess.Popen(launch_argv(cmd, launch), env={**env, "OMP_NUM_THREADS": "1"}, **kw)
+    from .resources import THREAD_VARS
+
+    env.update({v: str(launch["threads"]) for v in THREAD_VARS})
+    # sched_setaffinity(0) sets this thread's mask only, and a child inherits its forking thread's:
+    # the engine's other threads keep theirs, and this one gets its own back right after the fork
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, launch["cpus"])
+    try:
+        return subprocess.Popen(cmd, shell=True, env=env, **kw)
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def run_command(task: tuple) -> dict[str, Any]:
+    """Run one command line (on an engine): ``(line, command, outdir, cwd, walltime_s[, launch])``.
+
+    ``launch`` (a wide line's, from :mod:`ipmtc.packing`): the cores to pin it to, or how to start its MPI
+    ranks. Returns ``{"line", "exit", "duration_s"}``; raises :class:`CommandFailed`
     for a non-zero exit status and :class:`CommandWalltime` past the walltime.
     """
-    n, cmd, outdir, cwd, walltime_s = task
+    n, cmd, outdir, cwd, walltime_s = task[:5]
+    launch = task[5] if len(task) > 5 else None
     os.makedirs(outdir, exist_ok=True)
     out_path, err_path = os.path.join(outdir, f"{n}.out"), os.path.join(outdir, f"{n}.err")
     if cwd is not None and not os.path.isdir(cwd):
@@ -171,8 +195,8 @@ def run_command(task: tuple) -> dict[str, Any]:
     env = dict(os.environ, IPMTC_TASK_LINE=str(n))
     t0 = time.time()
     with open(out_path, "wb") as fo, open(err_path, "wb") as fe:
-        p = subprocess.Popen(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, cwd=cwd, env=env,
-                             start_new_session=True)  # its own group: killed as a whole at the walltime
+        p = _popen(cmd, launch, env, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, cwd=cwd,
+                   start_new_session=True)  # its own group: killed as a whole at the walltime
         try:
             code = p.wait(timeout=walltime_s)
         except subprocess.TimeoutExpired:
@@ -187,7 +211,10 @@ def run_command(task: tuple) -> dict[str, Any]:
         how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         tail = _tail(err_path)
         raise CommandFailed(f"line {n}: {how}: {cmd[:120]}" + (f" (stderr: {tail})" if tail else ""))
-    return {"line": n, "exit": code, "duration_s": round(duration, 6)}
+    out: dict[str, Any] = {"line": n, "exit": code, "duration_s": round(duration, 6)}
+    if launch is not None and launch["kind"] == "cores":
+        out["cpus"] = list(launch["cpus"])
+    return out
 
 
 # ---------------------------------------------------------------- driver side
@@ -212,7 +239,8 @@ def run_commands(commands: Sequence[Any], *, client=None, outdir: str | os.PathL
     from .journal import Journal
     from .maps import dynamic_map
 
-    tasks = _normalize(commands)
+    lines = parse_lines(_normalize(commands))
+    tasks = [(line.n, line.cmd) for line in lines]
     if walltime_s is not None and (isinstance(walltime_s, bool) or not isinstance(walltime_s, (int, float))
                                    or not walltime_s > 0):
         raise TaskFileError(f"walltime_s must be a number of seconds > 0, got {walltime_s!r}")
@@ -223,6 +251,10 @@ def run_commands(commands: Sequence[Any], *, client=None, outdir: str | os.PathL
         raise TaskFileError(f"cannot create the output directory {outdir}: {e.strerror}") from None
     cwd = str(Path(cwd).absolute()) if cwd is not None else os.getcwd()
     items = [(n, cmd, str(outdir), cwd, walltime_s) for n, cmd in tasks]
+    wide = any(line.wide for line in lines)
+    if wide and max_rss_mb is not None:
+        raise TaskFileError("max_rss_mb / --max-rss-mb is not supported for files with [cores=]/[ranks=] lines; "
+                            "leave it out or run those lines separately")
     jr, own = None, False
     if journal is not None:
         if isinstance(journal, Journal):
@@ -231,9 +263,12 @@ def run_commands(commands: Sequence[Any], *, client=None, outdir: str | os.PathL
             jr = open_journal(journal, outdir, retry_failed=retry_failed)
             own = True
     try:
-        res = dynamic_map(run_command, items, client=client, retries=retries, progress=progress, journal=jr,
-                          key=command_key, retry_failed=retry_failed, drain_margin_s=drain_margin_s,
-                          max_rss_mb=max_rss_mb)
+        if wide:
+            res = _run_packed(lines, items, client=client, retries=retries, journal=jr, drain_margin_s=drain_margin_s)
+        else:
+            res = dynamic_map(run_command, items, client=client, retries=retries, progress=progress, journal=jr,
+                              key=command_key, retry_failed=retry_failed, drain_margin_s=drain_margin_s,
+                              max_rss_mb=max_rss_mb)
         if jr is not None:
             jr.flush()
     except KeyboardInterrupt:
@@ -247,6 +282,20 @@ def run_commands(commands: Sequence[Any], *, client=None, outdir: str | os.PathL
         err.result = res
         raise err
     return res
+
+
+def _run_packed(lines, items, *, client, retries: int, journal, drain_margin_s: float):
+    """A file with wide lines: :class:`ipmtc.packing.Packer` keeps the slots (keys: line number + full text)."""
+    from .allocation import job_end_time
+    from .maps.api import _client_and_views
+
+    rc, _ = _client_and_views(client)
+    texts = {line.n: line.text for line in lines}
+    packer = Packer(rc, lines, items, retries=retries, journal=journal,
+                    key_of=lambda item: command_key((item[0], texts[item[0]])), drain_at=job_end_time(),
+                    drain_margin_s=drain_margin_s, run_fn=run_command)
+    packer.check()
+    return packer.run()
 
 
 def open_journal(path: str | os.PathLike, outdir: str | os.PathLike, *, retry_failed: bool = False):

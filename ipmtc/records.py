@@ -27,6 +27,7 @@ class TaskRecord:
     outcome: str | None = None  # final: ipmtc.outcomes OK | RAISED | WALLTIME | UNDONE
     error: str | None = None  # "Ename: message" of the last failure
     history: list = field(default_factory=list)  # earlier attempts: (engine_id, host, started, finished, outcome)
+    slots: tuple = ()  # a wide command line's engines (its last attempt), the lead one first; () = engine_id's
 
     @property
     def duration_s(self) -> float | None:

@@ -76,13 +76,17 @@ class Report:
 # ---------------------------------------------------------------- loading
 
 _REC_KEYS = ("index", "key", "engine_id", "host", "pid", "submitted", "started", "finished", "attempts",
-             "resubmits", "outcome", "error", "history")
+             "resubmits", "outcome", "error", "history", "slots")
 
 
 def _rec(d: dict[str, Any]) -> dict[str, Any]:
     r = {k: d.get(k) for k in _REC_KEYS}
     r["attempts"], r["resubmits"] = r["attempts"] or 0, r["resubmits"] or 0
     r["history"] = [tuple(h) for h in (r["history"] or [])]
+    value = d.get("value")
+    if not r["slots"] and isinstance(value, dict) and isinstance(value.get("engines"), list):
+        r["slots"] = value["engines"]  # a wide command line in a journal: the engines it held
+    r["slots"] = tuple(r["slots"] or ())
     return r
 
 
@@ -121,7 +125,9 @@ def _from_journal(path: Path) -> Run:
 
     jr = Journal.open(path, readonly=True)
     try:
-        rows, runs = list(jr.rows()), {r["run"]: r for r in jr.runs()}
+        # a command run's values say which engines a wide line held (small dicts; other maps' values are not read)
+        wide = (jr.function or "").endswith(":run_command")
+        rows, runs = list(jr.rows(values=wide)), {r["run"]: r for r in jr.runs()}
     finally:
         jr.close()
     by_run: dict[Any, list] = {}
@@ -134,7 +140,8 @@ def _from_journal(path: Path) -> Run:
         starts = [r["started"] for r in rs if r["started"]]
         begun = (runs.get(run_id) or {}).get("started")
         start = min([*starts, begun] if begun else starts, default=None)
-        spans += _span(rs, start, None, len({r["engine_id"] for r in rs if r["engine_id"] is not None}))
+        held = {e for r in rs for e in r["slots"]} | {r["engine_id"] for r in rs if r["engine_id"] is not None}
+        spans += _span(rs, start, None, len(held))
     return Run(recs, spans, None, None, "", f"{path} (journal, {len(spans)} run{'s' * (len(spans) != 1)})")
 
 
@@ -181,6 +188,8 @@ def attempts(run: Run) -> list[Attempt]:
                 lost.append((eid, r["index"], next((s[2] for s in seq[pos + 1:] if s[2] is not None), None)))
             elif kind is not None and t0 is not None and t1 is not None:
                 out.append(Attempt(r["index"], eid, host, t0, t1, kind))
+                if last and r["slots"]:  # a wide line: as wide a bar, on every engine it held
+                    out += [Attempt(r["index"], e, host, t0, t1, kind) for e in r["slots"] if e != eid]
     if lost:
         end_all = max((s[1] for s in run.spans), default=None)
         loss_at: dict[int, float] = {}

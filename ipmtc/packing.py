@@ -1,0 +1,318 @@
+"""Task-file lines wider than one core, packed onto the allocation's engines (``ipmtc run``).
+
+A line may start with what it needs, in brackets::
+
+    ./serial_prog in1                       one core (the default)
+    [cores=4] ./omp_prog in2                4 cores on one node (OMP_NUM_THREADS=4, pinned to them)
+    [ranks=8] python mpi_prog.py in3        an MPI program of 8 ranks, one core each, on as few nodes as fit
+    [ranks=8 nodes=2] ./mpi_prog in4        ... on exactly 2 nodes (4 + 4)
+
+Each engine is one core slot of its node (start the cluster with one engine per core, the default).
+The driver keeps the slot bookkeeping (:mod:`ipmtc.slots`): a line runs when its slots are free,
+on the first of them (the *lead* engine), while the others are held idle for it; wide lines are
+offered first, narrow ones fill the gaps, and a wide line passed over too often gets a reservation.
+A K-core line's command is pinned to the K cores of its engines; an MPI line is started with
+``srun --overlap`` (inside Slurm) or hydra's ``mpiexec -hosts`` (elsewhere) on exactly its slots,
+each rank pinned to one of them (``ipmtc/_rank.py``). Walltime, retries, the journal and draining
+work as for single-core lines; the walltime kills the launcher's process group, and with it every rank.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, wait
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import TaskFileError
+from .outcomes import OK, RAISED, UNDONE, WALLTIME
+from .records import TaskFailure, TaskRecord
+from .slots import Grant, Need, Queue, SlotBook
+
+_PREFIX = re.compile(r"^\[\s*([a-z]+\s*=[^\]]*)\]\s*(.*)$")  # "[ -f x ]" (shell's test) is not a prefix
+KEYS = ("cores", "ranks", "nodes")
+POLL_S = 0.5  # the longest the loop waits for an answer before it looks at the engines again
+RANK_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_rank.py")
+
+
+@dataclass(frozen=True)
+class Line:
+    """One line of a task file: its number, its text (the journal key), the command and what it needs."""
+
+    n: int
+    text: str
+    cmd: str
+    need: Need
+
+    @property
+    def wide(self) -> bool:
+        return self.need.width > 1 or self.need.is_mpi
+
+
+def parse_line(n: int, text: str) -> Line:
+    """``[key=value ...] command`` -> :class:`Line`; :class:`TaskFileError` naming the line if malformed."""
+    m = _PREFIX.match(text)
+    if not m:
+        return Line(n, text, text, Need())
+    values: dict[str, int] = {}
+    for part in m.group(1).replace(",", " ").split():
+        key, eq, value = part.partition("=")
+        if key not in KEYS or not eq:
+            raise TaskFileError(f"line {n}: {part!r} in [{m.group(1)}] is not KEY=N with KEY one of "
+                                f"{', '.join(KEYS)}, e.g. [cores=4] or [ranks=8 nodes=2]")
+        if not value.isdigit() or int(value) < 1:
+            raise TaskFileError(f"line {n}: {key}={value} must be a whole number >= 1")
+        values[key] = int(value)
+    cmd = m.group(2).strip()
+    if not cmd:
+        raise TaskFileError(f"line {n}: [{m.group(1)}] is followed by no command")
+    if "cores" in values and "ranks" in values:
+        raise TaskFileError(f"line {n}: give cores= (one node) or ranks= (MPI), not both")
+    if "nodes" in values and "ranks" not in values:
+        raise TaskFileError(f"line {n}: nodes= goes with ranks= (an MPI line); a cores= line runs on one node")
+    need = Need(cores=values.get("cores", 1), ranks=values.get("ranks", 0), nodes=values.get("nodes"))
+    if need.is_mpi and need.nodes and need.nodes > need.ranks:
+        raise TaskFileError(f"line {n}: {need.nodes} nodes for {need.ranks} ranks; give at least one rank per node")
+    return Line(n, text, cmd, need)
+
+
+def parse_lines(tasks: Sequence[tuple[int, str]]) -> list[Line]:
+    return [parse_line(n, text) for n, text in tasks]
+
+
+# ---------------------------------------------------------------- engine side
+
+
+def where() -> dict[str, Any]:
+    """Run on each engine: its node (Slurm's name for fake nodes too), host and CPUs."""
+    import os
+    import socket
+
+    return {"node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(), "host": socket.gethostname(),
+            "cpus": sorted(os.sched_getaffinity(0)), "slurm": bool(os.environ.get("SLURM_JOB_ID"))}
+
+
+def launch_argv(cmd: str, launch: dict[str, Any]) -> list[str]:
+    """argv that starts an MPI line's ranks on exactly its slots, each rank pinned (``_rank.py``)."""
+    hosts: list[list[Any]] = launch["hosts"]  # [[node, ranks there], ...]
+    ranks = sum(c for _, c in hosts)
+    wrapper = [sys.executable, "-I", RANK_SCRIPT, launch["cpus_json"], "/bin/sh", "-c", cmd]
+    if launch["launcher"] == "srun":
+        per_rank = ",".join(node for node, c in hosts for _ in range(c))
+        # a step beside the engines' own (which holds every CPU in Slurm's books: --overlap); the slots
+        # are ipmtc's to give, so -m arbitrary puts each rank on the node ipmtc chose for it
+        return [launch["srun"], "--overlap", "-n", str(ranks), "-N", str(len(hosts)), "-m", "arbitrary",
+                "-w", per_rank, "--kill-on-bad-exit=1", *launch.get("mpi", ()), *wrapper]
+    return [launch["mpiexec"], "-n", str(ranks), "-hosts", ",".join(f"{n}:{c}" for n, c in hosts), *wrapper]
+
+
+# ---------------------------------------------------------------- driver side
+
+
+def _launch(line: Line, grant: Grant, places: dict[int, dict[str, Any]], launcher: str) -> dict[str, Any]:
+    """What the lead engine needs to start a wide line on ``grant``'s slots."""
+    cpus = {node: sorted({c for s in slots for c in places[s]["cpus"]}) for node, slots in grant.slots}
+    if not line.need.is_mpi:
+        (node, _), = grant.slots
+        return {"kind": "cores", "cpus": cpus[node], "threads": line.need.cores}
+    import json
+
+    out: dict[str, Any] = {"kind": "mpi", "launcher": launcher, "hosts": [[n, len(s)] for n, s in grant.slots],
+                           # a slot's CPU where its engine is pinned to one; -1: the rank keeps the node's
+                           "cpus_json": json.dumps({n: [_one_cpu(places[s]["cpus"]) for s in slots]
+                                                    for n, slots in grant.slots}, separators=(",", ":"))}
+    if launcher == "srun":
+        out["srun"] = shutil.which("srun") or "srun"
+        out["mpi"] = ["--mpi=pmi2"]
+    else:
+        from .launch import find_program
+
+        out["mpiexec"] = find_program("mpiexec") or "mpiexec"
+    return out
+
+
+def _one_cpu(cpus: list[int]) -> int:
+    return cpus[0] if len(cpus) == 1 else -1
+
+
+def _launcher(places: dict[int, dict[str, Any]]) -> str:
+    """srun inside Slurm (a step of the job), else hydra's mpiexec (PBS, LSF, local)."""
+    if all(p.get("slurm") for p in places.values()) and shutil.which("srun"):
+        return os.environ.get("IPMTC_MPI_LAUNCHER", "srun")
+    return "mpiexec"
+
+
+def _error_of(exc: BaseException) -> tuple[str, str, str]:
+    """(outcome, ename, evalue) of a failed attempt."""
+    ename = getattr(exc, "ename", type(exc).__name__)
+    evalue = getattr(exc, "evalue", str(exc))
+    return (WALLTIME if ename == "CommandWalltime" else RAISED), ename, evalue
+
+
+class Packer:
+    """The driver's loop for one run of wide lines: slots, queue, answers, retries, journal, drain."""
+
+    def __init__(self, rc: Any, lines: list[Line], items: list[tuple], *, retries: int, journal: Any,
+                 key_of: Any, drain_at: float | None, drain_margin_s: float, run_fn: Any):
+        self.rc, self.lines, self.items, self.retries = rc, lines, items, retries
+        self.journal, self.key_of, self.run_fn = journal, key_of, run_fn
+        self.drain_at, self.drain_margin_s = drain_at, drain_margin_s
+        self.places: dict[int, dict[str, Any]] = dict(zip(rc.ids, rc[:].apply_sync(where)))
+        nodes: dict[str, list[int]] = {}
+        for eid in sorted(self.places):
+            nodes.setdefault(self.places[eid]["node"], []).append(eid)
+        self.book = SlotBook(nodes)
+        self.queue = Queue(self.book)
+        self.launcher = _launcher(self.places)
+        self.running: dict[Any, tuple[int, Grant, float]] = {}  # AsyncResult -> (index, grant, sent)
+        self.durations: dict[int, list[float]] = {}  # width -> durations seen (drain estimates)
+        from .maps.result import MapResult
+
+        self.res = MapResult(ordered=True, n_engines=len(self.places), schedule="packed")
+        self.records = [TaskRecord(index=i, key=key_of(items[i])) for i in range(len(lines))]
+
+    def check(self) -> None:
+        """Every line fits some nodes of this cluster: else one line naming it, before anything starts."""
+        for line in self.lines:
+            problem = self.book.check(line.need)
+            if problem:
+                raise TaskFileError(f"line {line.n}: {problem} (this cluster: {self._shape()}); "
+                                    "ask for less or start the cluster on more nodes")
+
+    def _shape(self) -> str:
+        sizes = self.book.size_per_node
+        return f"{len(sizes)} node{'s' if len(sizes) != 1 else ''} x {max(sizes.values(), default=0)} engines"
+
+    def run(self) -> Any:
+        self.res.started_at = time.time()
+        for i, rec in enumerate(self.records):
+            hit = self.journal.lookup(rec.key) if self.journal is not None and self.journal.has_records else None
+            if hit is not None:
+                self._from_journal(i, rec, hit)
+            else:
+                self.queue.push(i, self.lines[i].need)
+        try:
+            while len(self.queue) or self.running:
+                self._start_ready()
+                if not self.running:
+                    if len(self.queue):  # nothing runs and nothing can start: the slots are gone
+                        self._undone(list(self.queue))
+                    break
+                done, _ = wait(list(self.running), timeout=POLL_S, return_when=FIRST_COMPLETED)
+                for ar in done:
+                    self._answered(ar)
+                self._follow_engines()
+        except KeyboardInterrupt:
+            for ar in list(self.running):
+                try:
+                    ar.abort()
+                except Exception:
+                    pass
+            raise
+        self.res.records = self.records
+        self.res.undone.sort()
+        self.res.finished_at = time.time()
+        return self.res
+
+    def _draining(self, width: int) -> bool:
+        """Inside a batch job: a line that would not end ``drain_margin_s`` before the job does is not started."""
+        if self.drain_at is None:
+            return False
+        seen = self.durations.get(width) or [d for ds in self.durations.values() for d in ds]
+        est = sorted(seen)[len(seen) // 2] if seen else 0.0
+        return time.time() + est > self.drain_at - self.drain_margin_s
+
+    def _start_ready(self) -> None:
+        for index, grant in self.queue.pop_ready():
+            if self._draining(self.lines[index].need.width):
+                self.book.give_back(grant)
+                self._undone([index])
+                continue
+            line = self.lines[index]
+            item = self.items[index]
+            if line.wide:
+                item = (*item, _launch(line, grant, self.places, self.launcher))
+            rec = self.records[index]
+            rec.submitted = time.time()
+            ar = self.rc[grant.lead].apply_async(self.run_fn, item)
+            self.running[ar] = (index, grant, rec.submitted)
+
+    def _answered(self, ar: Any) -> None:
+        index, grant, sent = self.running.pop(ar)
+        self.book.give_back(grant)
+        rec = self.records[index]
+        place = self.places.get(grant.lead, {})
+        md = ar.metadata if isinstance(ar.metadata, dict) else (ar.metadata[0] if ar.metadata else {})
+        t0, t1 = md.get("started"), md.get("completed")
+        started = t0.timestamp() if t0 is not None else sent
+        finished = t1.timestamp() if t1 is not None else time.time()
+        try:
+            value = ar.get(0)
+        except Exception as e:
+            if type(e).__name__ == "EngineError" or getattr(e, "ename", "") == "EngineError":
+                rec.resubmits += 1  # its engine died: run it again, no retry spent
+                rec.history.append((grant.lead, place.get("node"), None, None, "lost"))
+                self.queue.push(index, self.lines[index].need)
+                return
+            outcome, ename, evalue = _error_of(e)
+            rec.attempts += 1
+            rec.history.append((grant.lead, place.get("node"), started, finished, outcome))
+            rec.engine_id, rec.host, rec.started, rec.finished = grant.lead, place.get("node"), started, finished
+            rec.slots = grant.all_slots if grant.width > 1 else ()
+            rec.error = f"{ename}: {evalue}"
+            if rec.attempts <= self.retries:
+                self.queue.push(index, self.lines[index].need)
+                return
+            rec.outcome = outcome
+            failure = TaskFailure(index=index, item=self.items[index], ename=ename, evalue=evalue,
+                                  traceback=getattr(e, "traceback", "") or "", engine_id=grant.lead,
+                                  host=place.get("node"), attempts=rec.attempts)
+            self.res.failed.append(failure)
+            self.res._set(index, failure)
+            if self.journal is not None:
+                self.journal.add(rec, None, self.items[index], self.key_of)
+            return
+        if isinstance(value, dict):  # where it ran: every slot it held (the report draws it that wide)
+            value = {**value, "engines": list(grant.all_slots), "nodes": [[n, list(s)] for n, s in grant.slots]}
+        rec.attempts += 1
+        rec.slots = grant.all_slots if grant.width > 1 else ()
+        rec.engine_id, rec.host, rec.pid = grant.lead, place.get("node"), None
+        rec.started, rec.finished, rec.outcome, rec.error = started, finished, OK, None
+        self.durations.setdefault(self.lines[index].need.width, []).append(finished - started)
+        self.res._set(index, value)
+        if self.journal is not None:
+            self.journal.add(rec, value, self.items[index], self.key_of)
+
+    def _follow_engines(self) -> None:
+        """Engines that left give up their slots for good (a running line on them is answered as lost)."""
+        alive = set(self.rc.ids)
+        for eid in list(self.places):
+            if eid not in alive:
+                self.places.pop(eid)
+                self.book.remove(eid)
+
+    def _from_journal(self, index: int, rec: TaskRecord, hit: tuple[Any, dict[str, Any]]) -> None:
+        value, stored = hit
+        for k in ("engine_id", "host", "pid", "started", "finished", "attempts", "outcome", "error"):
+            if k in stored:
+                setattr(rec, k, stored[k])
+        self.res.journal_hits += 1
+        if rec.outcome == OK:
+            self.res._set(index, value)
+            return
+        ename, _, evalue = (rec.error or "Error: ").partition(": ")
+        failure = TaskFailure(index=index, item=self.items[index], ename=ename, evalue=evalue, traceback="",
+                              engine_id=rec.engine_id, host=rec.host, attempts=rec.attempts)
+        self.res.failed.append(failure)
+        self.res._set(index, failure)
+
+    def _undone(self, indices: list[int]) -> None:
+        for i in indices:
+            if i in self.queue:
+                self.queue.remove(i)
+            self.records[i].outcome = UNDONE
+            self.res.undone.append(i)
