@@ -26,7 +26,7 @@ from typing import Any
 
 from .errors import CommandFailed, CommandWalltime, JournalError, TaskFileError
 from .outcomes import FAILED, OK, WALLTIME
-from .packing import Packer, parse_lines
+from .packing import Packer, parse_line, parse_lines
 from .stats import task_stats
 
 KILL_GRACE_S = 5.0
@@ -60,6 +60,10 @@ def read_task_file(path: str | os.PathLike) -> list[tuple[int, str]]:
         line = line.rstrip("\r").strip()
         if not line or line.startswith("#"):
             continue
+        try:
+            parse_line(n, line)  # a malformed [cores=..]/[ranks=..] prefix: said now, before anything starts
+        except TaskFileError as e:
+            raise TaskFileError(f"task file {path}, {e}") from None
         out.append((n, line))
     if not out:
         what = "is empty" if not data.strip() else "has only blank lines and # comments"
@@ -240,7 +244,6 @@ def run_commands(commands: Sequence[Any], *, client=None, outdir: str | os.PathL
     from .maps import dynamic_map
 
     lines = parse_lines(_normalize(commands))
-    tasks = [(line.n, line.cmd) for line in lines]
     if walltime_s is not None and (isinstance(walltime_s, bool) or not isinstance(walltime_s, (int, float))
                                    or not walltime_s > 0):
         raise TaskFileError(f"walltime_s must be a number of seconds > 0, got {walltime_s!r}")
@@ -250,7 +253,7 @@ def run_commands(commands: Sequence[Any], *, client=None, outdir: str | os.PathL
     except OSError as e:
         raise TaskFileError(f"cannot create the output directory {outdir}: {e.strerror}") from None
     cwd = str(Path(cwd).absolute()) if cwd is not None else os.getcwd()
-    items = [(n, cmd, str(outdir), cwd, walltime_s) for n, cmd in tasks]
+    items = [(line.n, line.cmd, str(outdir), cwd, line.walltime_s or walltime_s) for line in lines]
     wide = any(line.wide for line in lines)
     if wide and max_rss_mb is not None:
         raise TaskFileError("max_rss_mb / --max-rss-mb is not supported for files with [cores=]/[ranks=] lines; "

@@ -6,6 +6,7 @@ A line may start with what it needs, in brackets::
     [cores=4] ./omp_prog in2                4 cores on one node (OMP_NUM_THREADS=4, pinned to them)
     [ranks=8] python mpi_prog.py in3        an MPI program of 8 ranks, one core each, on as few nodes as fit
     [ranks=8 nodes=2] ./mpi_prog in4        ... on exactly 2 nodes (4 + 4)
+    [walltime=600] ./prog in5               this line's own walltime in seconds (any line; overrides --walltime-s)
 
 Each engine is one core slot of its node (start the cluster with one engine per core, the default).
 The driver keeps the slot bookkeeping (:mod:`ipmtc.slots`): a line runs when its slots are free,
@@ -34,7 +35,7 @@ from .records import TaskFailure, TaskRecord
 from .slots import Grant, Need, Queue, SlotBook
 
 _PREFIX = re.compile(r"^\[\s*([a-z]+\s*=[^\]]*)\]\s*(.*)$")  # "[ -f x ]" (shell's test) is not a prefix
-KEYS = ("cores", "ranks", "nodes")
+KEYS = ("cores", "ranks", "nodes", "walltime")
 POLL_S = 0.5  # the longest the loop waits for an answer before it looks at the engines again
 RANK_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_rank.py")
 
@@ -47,6 +48,7 @@ class Line:
     text: str
     cmd: str
     need: Need
+    walltime_s: float | None = None  # the line's own [walltime=S]
 
     @property
     def wide(self) -> bool:
@@ -63,7 +65,7 @@ def parse_line(n: int, text: str) -> Line:
         key, eq, value = part.partition("=")
         if key not in KEYS or not eq:
             raise TaskFileError(f"line {n}: {part!r} in [{m.group(1)}] is not KEY=N with KEY one of "
-                                f"{', '.join(KEYS)}, e.g. [cores=4] or [ranks=8 nodes=2]")
+                                f"{', '.join(KEYS)}, e.g. [cores=4] or [ranks=8 nodes=2] or [walltime=600]")
         if not value.isdigit() or int(value) < 1:
             raise TaskFileError(f"line {n}: {key}={value} must be a whole number >= 1")
         values[key] = int(value)
@@ -77,7 +79,7 @@ def parse_line(n: int, text: str) -> Line:
     need = Need(cores=values.get("cores", 1), ranks=values.get("ranks", 0), nodes=values.get("nodes"))
     if need.is_mpi and need.nodes and need.nodes > need.ranks:
         raise TaskFileError(f"line {n}: {need.nodes} nodes for {need.ranks} ranks; give at least one rank per node")
-    return Line(n, text, cmd, need)
+    return Line(n, text, cmd, need, float(values["walltime"]) if "walltime" in values else None)
 
 
 def parse_lines(tasks: Sequence[tuple[int, str]]) -> list[Line]:
