@@ -72,9 +72,11 @@ class EnginePlan:
             else:
                 out.append(a)
         if self.launcher == "srun":
-            # each pool's step holds only its own CPUs, so that the next pool's step can start
+            # each pool's step holds only its own CPUs (--exact), and a CPU pool's no GPU (a step takes every
+            # GPU of the job by default, and the next step would wait for them), so every pool's step starts
+            gres = () if pool.gpus_per_engine else ("--gres=none",)
             return ("--ntasks-per-node", str(pool.engines_per_node), "--cpus-per-task", str(pool.cores_per_engine),
-                    "--exact", *out)
+                    "--exact", *gres, *out)
         return ("-ppn", str(pool.engines_per_node), *out)
 
 

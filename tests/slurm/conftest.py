@@ -39,6 +39,7 @@ HARNESS = Path(__file__).resolve().parent / "harness"
 VENV_BIN = Path(sys.executable).parent
 NODES = 4
 CPUS = 4  # per node: -N 4 --ntasks-per-node=4 fills the cluster
+GPUS = 4  # fake GPUs per node (gres with fake device files; jobs get them only with --gres/--gpus*)
 START_TIMEOUT_S = 600  # includes apt-get install on a fresh machine
 MIN_JOB_AGE = 16  # sbatch --wait then polls every 8 s instead of after 2, 10, 42, 74 s (see the harness README)
 PURGED = "PURGED"  # a finished job slurmctld no longer knows (MinJobAge passed)
@@ -100,7 +101,7 @@ def slurm() -> Iterator[SlurmCluster]:
                     pytrace=False)
     base = Path(tempfile.mkdtemp(prefix="ipmtc-slurm-", dir="/tmp"))  # short: slurmd puts sockets under it
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "IPMTC_"))}
-    env.update(IPMTC_SLURM_BASE=str(base), IPMTC_SLURM_NODES=str(NODES), IPMTC_SLURM_CPUS=str(CPUS),
+    env.update(IPMTC_SLURM_BASE=str(base), IPMTC_SLURM_NODES=str(NODES), IPMTC_SLURM_CPUS=str(CPUS), IPMTC_SLURM_GPUS=str(GPUS),
                IPMTC_SLURM_MIN_JOB_AGE=str(MIN_JOB_AGE))
     t0 = time.monotonic()
     try:

@@ -32,6 +32,11 @@
 #                           (default 300). sbatch --wait polls after 2 s, then
 #                           sleeps x4 while below MinJobAge/2 (at most 32 s):
 #                           16 keeps its polls 8 s apart instead of 32 s
+#   IPMTC_SLURM_GPUS        fake GPUs per node       (default 0 = no gres). >0:
+#                           GresTypes=gpu, Gres=gpu:N per node, gres.conf with
+#                           File=$BASE/dev/nvidia[0-N-1] (char devices made with
+#                           mknod c 1 3; Slurm 22.05 drops file-less GPUs, so a
+#                           Count-only gres.conf leaves the nodes INVAL)
 #   IPMTC_SLURM_WAIT_SCHED  1 (default): also wait for slurmctld's first
 #                           scheduling pass (~3 s after it starts), so that
 #                           the first job starts as fast as later ones; 0: don't
@@ -54,6 +59,7 @@ MEM=${IPMTC_SLURM_MEM_MB:-2000}
 TIMEOUT=${IPMTC_SLURM_TIMEOUT:-60}
 WAIT_SCHED=${IPMTC_SLURM_WAIT_SCHED:-1}
 MIN_JOB_AGE=${IPMTC_SLURM_MIN_JOB_AGE:-300}
+GPUS=${IPMTC_SLURM_GPUS:-0}
 HOST=$(hostname -s 2>/dev/null || hostname)
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 MSOCK=/run/munge/munge.socket.2      # munged's default socket (see header)
@@ -68,6 +74,7 @@ secs() { printf '%d.%02d' $(($1 / 1000000)) $(($1 % 1000000 / 10000)); }
 [ "$(id -u)" = 0 ] || die "must run as root"
 case $NODES in ''|*[!0-9]*|0) die "IPMTC_SLURM_NODES must be a positive integer" ;; esac
 case $CPUS in ''|*[!0-9]*|0) die "IPMTC_SLURM_CPUS must be a positive integer" ;; esac
+case $GPUS in ''|*[!0-9]*) die "IPMTC_SLURM_GPUS must be a non-negative integer" ;; esac
 case $MIN_JOB_AGE in ''|*[!0-9]*|0) die "IPMTC_SLURM_MIN_JOB_AGE must be a positive integer" ;; esac
 BASE=$(mkdir -p "$BASE" && cd "$BASE" && pwd)       # absolute: it goes into slurm.conf
 [ "$BASE" != / ] || die "IPMTC_SLURM_BASE must not be /"
@@ -205,6 +212,25 @@ NODE_NAMES=()
 for i in $(seq 1 "$NODES"); do NODE_NAMES+=("n$i"); done
 
 # ---------------------------------------------------------------- config
+# fake GPUs: gres.conf sits next to slurm.conf. slurmd only stat()s the
+# File= paths (must be char/block devices: plain files are accepted with an
+# error and yield no CUDA_VISIBLE_DEVICES). All fake nodes share the same
+# files; harmless with task/none (no cgroup device constraint).
+GRES_NODE=
+GRES_LINE=
+if [ "$GPUS" -gt 0 ]; then
+  GRES_NODE=" Gres=gpu:${GPUS}"
+  mkdir -p "$BASE/dev"
+  for g in $(seq 0 $((GPUS - 1))); do
+    [ -c "$BASE/dev/nvidia$g" ] || { rm -f "$BASE/dev/nvidia$g"; mknod "$BASE/dev/nvidia$g" c 1 3; }
+  done
+  GRES_LINE="Name=gpu File=${BASE}/dev/nvidia[0-$((GPUS - 1))]"
+fi
+if [ "$GRES_LINE" != "$(cat "$BASE/etc/gres.conf" 2>/dev/null)" ]; then
+  printf '%s\n' "$GRES_LINE" > "$BASE/etc/gres.conf"
+  # slurmd reads gres.conf only at start: force the restart below
+  [ ! -f "$CONF" ] || echo "# gres.conf changed" >> "$CONF"
+fi
 new_conf=$(mktemp "$BASE/etc/slurm.conf.XXXXXX")
 {
 cat <<EOF
@@ -254,9 +280,10 @@ MinJobAge=${MIN_JOB_AGE}
 KillOnBadExit=0
 Waittime=0
 EOF
+if [ "$GPUS" -gt 0 ]; then echo "GresTypes=gpu"; fi
 i=0
 for n in "${NODE_NAMES[@]}"; do
-  echo "NodeName=${n} NodeHostname=${HOST} NodeAddr=127.0.0.1 Port=$((SLURMD_PORT + i)) CPUs=${CPUS} RealMemory=${MEM} State=UNKNOWN"
+  echo "NodeName=${n} NodeHostname=${HOST} NodeAddr=127.0.0.1 Port=$((SLURMD_PORT + i)) CPUs=${CPUS} RealMemory=${MEM}${GRES_NODE} State=UNKNOWN"
   i=$((i + 1))
 done
 echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
