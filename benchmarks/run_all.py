@@ -21,10 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-BENCHMARKS = ["startup", "throughput", "weak_scaling", "faults", "model", "memory", "security"]
+BENCHMARKS = ["startup", "throughput", "weak_scaling", "faults", "model", "memory", "security", "packing"]
 PNGS = {"startup": ["startup.png"], "throughput": ["throughput.png"],
         "weak_scaling": ["weak_scaling.png", "weak_scaling_timeline_static.png", "weak_scaling_timeline_dynamic.png"],
-        "faults": ["faults.png"], "model": ["model.png"], "memory": [], "security": []}
+        "faults": ["faults.png"], "model": ["model.png"], "memory": [], "security": [], "packing": []}
 
 
 def main(argv=None) -> int:

@@ -221,6 +221,8 @@ def _map(schedule: Schedule, fn: Callable, items: Any, a: MapArgs) -> MapResult:
     rc, engines, iterator, n_total, jr, spec, opts = _prepare(schedule, fn, items, a, stream=False)
     try:
         res = Dispatcher(rc, spec, iterator, n_total, opts, engines=engines).run()
+        if a.pool is not None:  # said wherever the map is summarized (summary(), save(), ipmtc report)
+            res.schedule = f"{res.schedule}, pool {a.pool}"
     finally:
         if jr is not None and jr is not a.journal:
             jr.close()  # never raises; releases the lock whatever happened

@@ -103,6 +103,7 @@ def test_pools_a_map_with_pool_lands_only_there(started, monkeypatch):
     try:
         res = ipmtc.dynamic_map(_seen_of, range(40), client=rc, pool="gpu", progress=False)
         assert {r["pid"] for r in res} == gpu_pids and {r["cuda"] for r in res} == {"4,7"}
+        assert res.summary()["schedule"] == "dynamic, pool gpu"
         res = ipmtc.static_map(_seen_of, range(40), client=rc, pool="cpu", progress=False)
         assert {r["pid"] for r in res} <= cpu_pids
         assert {rec.engine_id for rec in res.records} <= {i for i, s in seen.items() if s["pool"] == "cpu"}
