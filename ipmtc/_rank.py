@@ -16,7 +16,8 @@ def main() -> None:
     cpus_of = json.loads(sys.argv[1])
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     cpus = cpus_of.get(node) or cpus_of.get(node.split(".")[0])
-    local = next((int(os.environ[v]) for v in ("SLURM_LOCALID", "MPI_LOCALRANKID", "PMI_LOCAL_RANK")
+    # hydra's first: under Slurm its ranks inherit its proxies' SLURM_LOCALID (0 on every rank)
+    local = next((int(os.environ[v]) for v in ("MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID")
                   if os.environ.get(v, "").isdigit()), 0)
     cpu = cpus[local % len(cpus)] if cpus else -1
     if cpu >= 0:

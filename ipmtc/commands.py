@@ -167,9 +167,9 @@ def _popen(cmd: str, launch: dict[str, Any] | None, env: dict[str, str], **kw: A
     if launch is None:
         return subprocess.Popen(cmd, shell=True, env=env, **kw)
     if launch["kind"] == "mpi":
-        from .packing import launch_argv
+        from .packing import launch_argv, launch_env
 
-        return subprocess.Popen(launch_argv(cmd, launch), env={**env, "OMP_NUM_THREADS": "1"}, **kw)
+        return subprocess.Popen(launch_argv(cmd, launch), env=launch_env(env), **kw)
     from .resources import THREAD_VARS
 
     env.update({v: str(launch["threads"]) for v in THREAD_VARS})
@@ -197,6 +197,8 @@ def run_command(task: tuple) -> dict[str, Any]:
     if cwd is not None and not os.path.isdir(cwd):
         cwd = None  # another node without the driver's directory: run in the engine's
     env = dict(os.environ, IPMTC_TASK_LINE=str(n))
+    for private in ("IPP_CONNECTION_INFO", "IPMTC_ENGINE_BIND"):  # the cluster's key stays with the engine
+        env.pop(private, None)
     t0 = time.time()
     with open(out_path, "wb") as fo, open(err_path, "wb") as fe:
         p = _popen(cmd, launch, env, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, cwd=cwd,
@@ -267,7 +269,8 @@ def run_commands(commands: Sequence[Any], *, client=None, outdir: str | os.PathL
             own = True
     try:
         if wide:
-            res = _run_packed(lines, items, client=client, retries=retries, journal=jr, drain_margin_s=drain_margin_s)
+            res = _run_packed(lines, items, client=client, retries=retries, journal=jr, drain_margin_s=drain_margin_s,
+                              progress=progress)
         else:
             res = dynamic_map(run_command, items, client=client, retries=retries, progress=progress, journal=jr,
                               key=command_key, retry_failed=retry_failed, drain_margin_s=drain_margin_s,
@@ -287,17 +290,16 @@ def run_commands(commands: Sequence[Any], *, client=None, outdir: str | os.PathL
     return res
 
 
-def _run_packed(lines, items, *, client, retries: int, journal, drain_margin_s: float):
-    """A file with wide lines: :class:`ipmtc.packing.Packer` keeps the slots (keys: line number + full text)."""
+def _run_packed(lines, items, *, client, retries: int, journal, drain_margin_s: float, progress: bool):
+    """A file with wide lines: :class:`ipmtc.packing.Packer` keeps the slots (the same keys as the plain path:
+    line number and command, so adding a [cores=] line to a file does not rerun the others)."""
     from .allocation import job_end_time
-    from .maps.api import _client_and_views
+    from .maps.api import _client_and_views, _crash_limit
 
-    rc, _ = _client_and_views(client)
-    texts = {line.n: line.text for line in lines}
-    packer = Packer(rc, lines, items, retries=retries, journal=journal,
-                    key_of=lambda item: command_key((item[0], texts[item[0]])), drain_at=job_end_time(),
-                    drain_margin_s=drain_margin_s, run_fn=run_command)
-    packer.check()
+    rc, engines = _client_and_views(client)
+    packer = Packer(rc, lines, items, retries=retries, journal=journal, key_of=command_key, drain_at=job_end_time(),
+                    drain_margin_s=drain_margin_s, run_fn=run_command, crash_limit=_crash_limit(None),
+                    engines=engines, progress=progress)
     return packer.run()
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from .allocation import Allocation
 from .errors import AllocationError, LauncherNotFoundError, SecurityError, SecurityWarning
 from .presets import AUTO, Preset
-from .resources import DEFAULT_POOL, PoolLayout, layout, pools_from
+from .resources import DEFAULT_POOL, PoolLayout, layout, parse_pool, pools_from
 
 # hydra's mpiexec kills every rank when one dies unless told not to; srun does
 # the same on sites with KillOnBadExit=1 or a non-zero WaitTime.
@@ -75,8 +75,10 @@ class EnginePlan:
             # each pool's step holds only its own CPUs (--exact), and a CPU pool's no GPU (a step takes every
             # GPU of the job by default, and the next step would wait for them), so every pool's step starts
             gres = () if pool.gpus_per_engine else ("--gres=none",)
+            # GPU engines sharing cores (more of them than cores): Slurm must be told, or the step waits
+            over = ("--overcommit",) if pool.pool_cores < pool.engines_per_node * pool.cores_per_engine else ()
             return ("--ntasks-per-node", str(pool.engines_per_node), "--cpus-per-task", str(pool.cores_per_engine),
-                    "--exact", *gres, *out)
+                    "--exact", *over, *gres, *out)
         return ("-ppn", str(pool.engines_per_node), *out)
 
 
@@ -123,8 +125,7 @@ def _is_this_host(hosts: tuple[str, ...]) -> bool:
 
 def asks_gpus(preset: Preset) -> bool:
     """Whether a start with ``preset`` needs to know the node's GPUs."""
-    return bool(preset.gpus_per_engine) or any("gpus-per-engine=" in t.replace("_", "-") and
-                                               "gpus-per-engine=0" not in t.replace("_", "-") for t in preset.pools)
+    return bool(preset.gpus_per_engine) or any(parse_pool(t, "pool").gpus_per_engine for t in preset.pools)
 
 
 def plan_engines(preset: Preset, alloc: Allocation, *, nodes: int | None = None,
@@ -144,6 +145,9 @@ def plan_engines(preset: Preset, alloc: Allocation, *, nodes: int | None = None,
     else:
         n, hosts, epn = _count_across_nodes(preset, alloc, nodes, engines)
     pools = _pools(preset, alloc, hosts, epn, engines, gpus_per_node)
+    if launcher == "srun" and sum(1 for p in pools if p.gpus_per_engine) > 1:
+        # each srun step takes every GPU of the job unless told otherwise: a second GPU pool's step would wait
+        raise AllocationError("several GPU pools under srun are not supported yet; give one GPU pool (and CPU pools)")
     if len(pools) > 1 or pools[0].cores_per_engine > 1 or pools[0].gpus_per_engine:
         epn = sum(p.engines_per_node for p in pools)
         n = epn * len(hosts)

@@ -30,12 +30,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import TaskFileError
-from .outcomes import OK, RAISED, UNDONE, WALLTIME
+from .outcomes import CRASHED, LOST, OK, RAISED, UNDONE, WALLTIME
 from .records import TaskFailure, TaskRecord
 from .slots import Grant, Need, Queue, SlotBook
 
 _PREFIX = re.compile(r"^\[\s*([a-z]+\s*=[^\]]*)\]\s*(.*)$")  # "[ -f x ]" (shell's test) is not a prefix
 KEYS = ("cores", "ranks", "nodes", "walltime")
+WHERE_TIMEOUT_S = 30.0  # asking each engine where it runs, at the start
 POLL_S = 0.5  # the longest the loop waits for an answer before it looks at the engines again
 RANK_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_rank.py")
 
@@ -95,7 +96,24 @@ def where() -> dict[str, Any]:
     import socket
 
     return {"node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(), "host": socket.gethostname(),
-            "cpus": sorted(os.sched_getaffinity(0)), "slurm": bool(os.environ.get("SLURM_JOB_ID"))}
+            "cpus": sorted(os.sched_getaffinity(0)), "slurm": bool(os.environ.get("SLURM_JOB_ID")),
+            "cores": len([c for c in os.environ.get("IPMTC_ENGINE_CORES", "").split(",") if c]) or 1,
+            "gpus": os.environ.get("IPMTC_ENGINE_GPUS", "")}
+
+
+# what srun reads from its environment: the engine's own step set these (its tasks per node, CPUs per
+# task, no GPU, no MPI); an MPI line's step is sized by its own arguments and gets the site's MPI default
+SRUN_INHERITED = ("SLURM_CPUS_PER_TASK", "SRUN_CPUS_PER_TASK", "SLURM_NTASKS_PER_NODE", "SLURM_CPU_BIND",
+                  "SLURM_CPU_BIND_TYPE", "SLURM_CPU_BIND_LIST", "SLURM_CPU_BIND_VERBOSE", "SLURM_GRES", "SLURM_EXACT",
+                  "SLURM_MPI_TYPE", "SLURM_OVERCOMMIT", "SLURM_DISTRIBUTION", "SLURM_TRES_PER_TASK",
+                  "SLURM_GPUS_PER_TASK", "SLURM_NTASKS", "SLURM_NPROCS")
+
+
+def launch_env(env: dict[str, str]) -> dict[str, str]:
+    """The environment of an MPI line's launcher: the engine's step settings dropped, one thread per rank."""
+    out = {k: v for k, v in env.items() if k not in SRUN_INHERITED}
+    out["OMP_NUM_THREADS"] = "1"
+    return out
 
 
 def launch_argv(cmd: str, launch: dict[str, Any]) -> list[str]:
@@ -129,7 +147,8 @@ def _launch(line: Line, grant: Grant, places: dict[int, dict[str, Any]], launche
                                                     for n, slots in grant.slots}, separators=(",", ":"))}
     if launcher == "srun":
         out["srun"] = shutil.which("srun") or "srun"
-        out["mpi"] = ["--mpi=pmi2"]
+        mpi = os.environ.get("IPMTC_SRUN_MPI", "")  # e.g. pmi2 for the mpich wheel where the site's default is pmix
+        out["mpi"] = [f"--mpi={mpi}"] if mpi else []
     else:
         from .launch import find_program
 
@@ -159,11 +178,23 @@ class Packer:
     """The driver's loop for one run of wide lines: slots, queue, answers, retries, journal, drain."""
 
     def __init__(self, rc: Any, lines: list[Line], items: list[tuple], *, retries: int, journal: Any,
-                 key_of: Any, drain_at: float | None, drain_margin_s: float, run_fn: Any):
+                 key_of: Any, drain_at: float | None, drain_margin_s: float, run_fn: Any, crash_limit: int = 3,
+                 engines: list[int] | None = None, progress: bool = False):
         self.rc, self.lines, self.items, self.retries = rc, lines, items, retries
         self.journal, self.key_of, self.run_fn = journal, key_of, run_fn
-        self.drain_at, self.drain_margin_s = drain_at, drain_margin_s
-        self.places: dict[int, dict[str, Any]] = dict(zip(rc.ids, rc[:].apply_sync(where)))
+        self.drain_at, self.drain_margin_s, self.crash_limit = drain_at, drain_margin_s, crash_limit
+        ids = list(rc.ids) if engines is None else list(engines)
+        try:
+            self.places: dict[int, dict[str, Any]] = dict(zip(ids, rc[ids].apply_async(where).get(
+                timeout=WHERE_TIMEOUT_S)))
+        except Exception as e:
+            raise TaskFileError(f"could not ask the engines where they run ({type(e).__name__}); are they busy "
+                                "with another run? try again when it ended") from None
+        wide_engines = sorted(e for e, p in self.places.items() if p.get("cores", 1) > 1 or p.get("gpus"))
+        if wide_engines and any(line.wide for line in lines):
+            raise TaskFileError(f"[cores=]/[ranks=] lines need single-core engines (one per core, `ipmtc start` "
+                                f"without --cores-per-engine/--gpus-per-engine), but engines {wide_engines[:8]} hold "
+                                "more; restart the cluster or use a pool of single-core engines")
         nodes: dict[str, list[int]] = {}
         for eid in sorted(self.places):
             nodes.setdefault(self.places[eid]["node"], []).append(eid)
@@ -172,31 +203,39 @@ class Packer:
         self.launcher = _launcher(self.places)
         self.running: dict[Any, tuple[int, Grant, float]] = {}  # AsyncResult -> (index, grant, sent)
         self.durations: dict[int, list[float]] = {}  # width -> durations seen (drain estimates)
+        self.lost: dict[int, int] = {}  # line index -> lead engines that died under it
+        from .maps.progress import Progress
+
+        self.bar = Progress(progress, None, "commands")
         from .maps.result import MapResult
 
         self.res = MapResult(ordered=True, n_engines=len(self.places), schedule="packed")
         self.records = [TaskRecord(index=i, key=key_of(items[i])) for i in range(len(lines))]
-
-    def check(self) -> None:
-        """Every line fits some nodes of this cluster: else one line naming it, before anything starts."""
-        for line in self.lines:
-            problem = self.book.check(line.need)
-            if problem:
-                raise TaskFileError(f"line {line.n}: {problem} (this cluster: {self._shape()}); "
-                                    "ask for less or start the cluster on more nodes")
 
     def _shape(self) -> str:
         sizes = self.book.size_per_node
         return f"{len(sizes)} node{'s' if len(sizes) != 1 else ''} x {max(sizes.values(), default=0)} engines"
 
     def run(self) -> Any:
-        self.res.started_at = time.time()
+        """Run every line not done in the journal. Lines no node of this cluster can hold are refused first
+        (one line naming the first of them), before anything starts."""
+        todo = []
         for i, rec in enumerate(self.records):
             hit = self.journal.lookup(rec.key) if self.journal is not None and self.journal.has_records else None
             if hit is not None:
                 self._from_journal(i, rec, hit)
             else:
-                self.queue.push(i, self.lines[i].need)
+                todo.append(i)
+        for i in todo:
+            problem = self.book.check(self.lines[i].need)
+            if problem:
+                raise TaskFileError(f"line {self.lines[i].n}: {problem} (this cluster: {self._shape()}); "
+                                    "ask for less or start the cluster on more nodes")
+        self.res.started_at = time.time()
+        for i in todo:
+            self.queue.push(i, self.lines[i].need)
+        self.bar.total = len(todo)
+        self.bar.open()
         try:
             while len(self.queue) or self.running:
                 self._start_ready()
@@ -209,12 +248,13 @@ class Packer:
                     self._answered(ar)
                 self._follow_engines()
         except KeyboardInterrupt:
-            for ar in list(self.running):
-                try:
-                    ar.abort()
-                except Exception:
-                    pass
+            try:  # what still waits on the engines is dropped; running commands end with their engines' abort
+                self.rc.abort(list(self.running), block=False)
+            except Exception:
+                pass
             raise
+        finally:
+            self.bar.close()
         self.res.records = self.records
         self.res.undone.sort()
         self.res.finished_at = time.time()
@@ -240,8 +280,23 @@ class Packer:
                 item = (*item, _launch(line, grant, self.places, self.launcher))
             rec = self.records[index]
             rec.submitted = time.time()
-            ar = self.rc[grant.lead].apply_async(self.run_fn, item)
+            try:
+                ar = self.rc[grant.lead].apply_async(self.run_fn, item)
+            except Exception:  # the lead engine left since the last look: its slot goes, the line waits again
+                self.book.give_back(grant)
+                self.places.pop(grant.lead, None)
+                self.book.remove(grant.lead)
+                self._again(index, "its engines were lost")
+                continue
             self.running[ar] = (index, grant, rec.submitted)
+
+    def _again(self, index: int, why: str) -> None:
+        """Back in the queue -- or failed, if what is left of the cluster can no longer hold it."""
+        problem = self.book.check(self.lines[index].need)
+        if problem is None:
+            self.queue.push(index, self.lines[index].need)
+        else:
+            self._failed(index, CRASHED, "EnginesLost", f"line {self.lines[index].n}: {why}, and {problem}", "")
 
     def _answered(self, ar: Any) -> None:
         index, grant, sent = self.running.pop(ar)
@@ -252,50 +307,65 @@ class Packer:
         t0, t1 = md.get("started"), md.get("completed")
         started = t0.timestamp() if t0 is not None else sent
         finished = t1.timestamp() if t1 is not None else time.time()
+        rec.engine_id, rec.host, rec.pid = grant.lead, place.get("node"), None
+        rec.slots = grant.all_slots if grant.width > 1 else ()
         try:
             value = ar.get(0)
         except Exception as e:
             if type(e).__name__ == "EngineError" or getattr(e, "ename", "") == "EngineError":
-                rec.resubmits += 1  # its engine died: run it again, no retry spent
-                rec.history.append((grant.lead, place.get("node"), None, None, "lost"))
-                self.queue.push(index, self.lines[index].need)
+                self.lost[index] = self.lost.get(index, 0) + 1
+                rec.history.append((grant.lead, place.get("node"), None, None, LOST))
+                if self.lost[index] >= self.crash_limit:  # a line that keeps killing its engine: not forever
+                    rec.crashes = self.lost[index]
+                    self._failed(index, CRASHED, "EngineCrashes", f"line {self.lines[index].n}: its engine died "
+                                 f"{self.lost[index]} times while it ran (crash_limit {self.crash_limit})", "")
+                else:
+                    rec.resubmits += 1  # its engine died: run it again, no retry spent
+                    self._again(index, "its engine died")
                 return
             outcome, ename, evalue = _error_of(e)
             rec.attempts += 1
             rec.history.append((grant.lead, place.get("node"), started, finished, outcome))
-            rec.engine_id, rec.host, rec.started, rec.finished = grant.lead, place.get("node"), started, finished
-            rec.slots = grant.all_slots if grant.width > 1 else ()
+            rec.started, rec.finished = started, finished
             rec.error = f"{ename}: {evalue}"
             if rec.attempts <= self.retries:
-                self.queue.push(index, self.lines[index].need)
+                self._again(index, "it failed")
                 return
-            rec.outcome = outcome
-            failure = TaskFailure(index=index, item=self.items[index], ename=ename, evalue=evalue,
-                                  traceback=getattr(e, "traceback", "") or "", engine_id=grant.lead,
-                                  host=place.get("node"), attempts=rec.attempts)
-            self.res.failed.append(failure)
-            self.res._set(index, failure)
-            if self.journal is not None:
-                self.journal.add(rec, None, self.items[index], self.key_of)
+            self._failed(index, outcome, ename, evalue, getattr(e, "traceback", "") or "")
             return
         if isinstance(value, dict):  # where it ran: every slot it held (the report draws it that wide)
             value = {**value, "engines": list(grant.all_slots), "nodes": [[n, list(s)] for n, s in grant.slots]}
         rec.attempts += 1
-        rec.slots = grant.all_slots if grant.width > 1 else ()
-        rec.engine_id, rec.host, rec.pid = grant.lead, place.get("node"), None
         rec.started, rec.finished, rec.outcome, rec.error = started, finished, OK, None
         self.durations.setdefault(self.lines[index].need.width, []).append(finished - started)
+        self.bar.tick()
         self.res._set(index, value)
         if self.journal is not None:
             self.journal.add(rec, value, self.items[index], self.key_of)
 
+    def _failed(self, index: int, outcome: str, ename: str, evalue: str, traceback: str) -> None:
+        rec = self.records[index]
+        rec.outcome, rec.error = outcome, f"{ename}: {evalue}"
+        failure = TaskFailure(index=index, item=self.items[index], ename=ename, evalue=evalue, traceback=traceback,
+                              engine_id=rec.engine_id, host=rec.host, attempts=rec.attempts)
+        self.res.failed.append(failure)
+        self.res._set(index, failure)
+        self.bar.tick()
+        if self.journal is not None:
+            self.journal.add(rec, None, self.items[index], self.key_of)
+
     def _follow_engines(self) -> None:
-        """Engines that left give up their slots for good (a running line on them is answered as lost)."""
+        """Engines that left give up their slots for good (a running line on them is answered as lost);
+        waiting lines that what is left can no longer hold fail, saying why."""
         alive = set(self.rc.ids)
-        for eid in list(self.places):
-            if eid not in alive:
-                self.places.pop(eid)
-                self.book.remove(eid)
+        gone = [eid for eid in self.places if eid not in alive]
+        for eid in gone:
+            self.places.pop(eid)
+            self.book.remove(eid)
+        if gone:
+            for index, why in self.queue.pop_impossible():
+                self._failed(index, CRASHED, "EnginesLost",
+                             f"line {self.lines[index].n}: engines were lost, and {why}", "")
 
     def _from_journal(self, index: int, rec: TaskRecord, hit: tuple[Any, dict[str, Any]]) -> None:
         value, stored = hit

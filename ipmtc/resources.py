@@ -63,6 +63,7 @@ class PoolLayout:
     gpu_offset: int = 0
     pool_cores: int = 0  # cores this pool uses on a node (fewer than engines x cores: GPU engines sharing)
     node_cores: int = 0  # cores all pools use on a node
+    hide_gpus: bool = False  # a CPU pool beside a GPU pool: its engines see no GPU at all
     pin: str = "always"  # "always": asked for; "fit": only where the node has a CPU for every core used
 
     def env(self) -> str:
@@ -135,6 +136,9 @@ def layout(pools: Sequence[Pool], cores_per_node: int, gpus_per_node: int, *, wh
                                     "(none in CUDA_VISIBLE_DEVICES/ROCR_VISIBLE_DEVICES, SLURM_JOB_GPUS/"
                                     "SLURM_GPUS_ON_NODE, nvidia-smi or rocm-smi); ask the batch system for GPUs "
                                     "(e.g. sbatch --gpus-per-node=4) or drop --gpus-per-engine")
+            if gpus_left < 1:
+                raise ResourceError(f"{label}no GPUs left on {where} after the pools before it; give those pools "
+                                    "engines-per-node (or fewer GPUs per engine)")
             if p.gpus_per_engine > gpus_left:
                 raise ResourceError(f"{label}{p.gpus_per_engine} GPUs per engine, but {where} has {gpus_left} "
                                     f"GPU{'s' if gpus_left != 1 else ''} {'left' if gpu_at else 'in all'}; "
@@ -170,7 +174,8 @@ def layout(pools: Sequence[Pool], cores_per_node: int, gpus_per_node: int, *, wh
                               pool_cores=min(epn * cpe, cores_left)))
         core_at += min(epn * cpe, cores_left)
         gpu_at += epn * p.gpus_per_engine
-    return tuple(replace(p, node_cores=core_at) for p in out)
+    any_gpus = any(p.gpus_per_engine for p in out)
+    return tuple(replace(p, node_cores=core_at, hide_gpus=any_gpus and not p.gpus_per_engine) for p in out)
 
 
 # ---------------------------------------------------------------- GPUs on this node
@@ -234,7 +239,9 @@ def local_index(environ: Mapping[str, str], copy: int | None = None) -> int:
     ``SLURM_LOCALID``, hydra's ``MPI_LOCALRANKID``, Open MPI's ``OMPI_COMM_WORLD_LOCAL_RANK``; else 0."""
     if copy is not None:
         return copy
-    for var in ("SLURM_LOCALID", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_LOCAL_RANK"):
+    # an MPI launcher's first: hydra inside Slurm runs under an srun of its own, whose SLURM_LOCALID
+    # (0 on every rank of a node) the ranks inherit
+    for var in ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_LOCAL_RANK", "SLURM_LOCALID"):
         raw = environ.get(var, "").strip()
         if raw.isdigit():
             return int(raw)
@@ -265,6 +272,7 @@ def bind_engine(spec: PoolLayout, index: int, environ: dict[str, str] | None = N
     wrapped = max(spec.node_cores, first + spec.cores_per_engine) > len(cpus)
     if len(cpus) == spec.cores_per_engine and spec.engines_per_node > 1:
         mine = tuple(cpus)  # the launcher bound this engine to exactly its share already: keep it
+        wrapped = False
     elif wrapped and spec.pin != "always":
         mine = tuple(cpus)  # more engines than CPUs, not asked to pin: the kernel balances them better
     else:
@@ -277,13 +285,16 @@ def bind_engine(spec: PoolLayout, index: int, environ: dict[str, str] | None = N
         found = node_gpus(env)
         g0 = spec.gpu_offset + (index % max(1, spec.engines_per_node)) * spec.gpus_per_engine
         gpus = found.ids[g0:g0 + spec.gpus_per_engine]
+        if len(found.ids) == spec.gpus_per_engine:
+            gpus = found.ids  # the launcher gave this engine exactly its share already (srun --gpus-per-task)
         if len(gpus) < spec.gpus_per_engine:
             raise ResourceError(f"engine {index} of pool {spec.name!r} needs GPUs {g0}..{g0 + spec.gpus_per_engine - 1}"
                                 f" but this node shows {len(found.ids)} ({found.source})")
         for var in found.vars:
             env[var] = ",".join(gpus)
-    else:
-        for var in GPU_VARS:  # an engine of a CPU pool sees no GPU (it would share them unknowingly)
+        env["IPMTC_ENGINE_GPUS"] = ",".join(gpus)
+    elif spec.hide_gpus:
+        for var in GPU_VARS:  # a CPU pool beside a GPU pool sees no GPU (it would share them unknowingly)
             env[var] = "" if var != "ZE_AFFINITY_MASK" else "-1"
     env["IPMTC_POOL"] = spec.name
     env["IPMTC_ENGINE_CORES"] = ",".join(map(str, cores))

@@ -25,6 +25,7 @@ def test_parse_pool():
 def test_layout_gpu_pool_then_cpu_pool_on_the_rest():
     gpu, cpu = layout([Pool("gpu", gpus_per_engine=1), Pool("cpu")], cores_per_node=16, gpus_per_node=4)
     assert (gpu.engines_per_node, gpu.cores_per_engine, gpu.core_offset, gpu.gpu_offset) == (4, 1, 0, 0)
+    assert cpu.hide_gpus and not gpu.hide_gpus
     assert (cpu.engines_per_node, cpu.cores_per_engine, cpu.core_offset) == (12, 1, 4)
     assert gpu.node_cores == cpu.node_cores == 16
 
@@ -63,11 +64,22 @@ def test_node_gpus_sources_in_order(monkeypatch):
 
 
 def test_local_index_and_share():
-    assert local_index({"SLURM_LOCALID": "3", "MPI_LOCALRANKID": "1"}) == 3
+    assert local_index({"SLURM_LOCALID": "0", "MPI_LOCALRANKID": "1"}) == 1  # hydra under Slurm: its own first
+    assert local_index({"SLURM_LOCALID": "3"}) == 3
     assert local_index({"MPI_LOCALRANKID": "1"}) == 1
     assert local_index({"SLURM_LOCALID": "3"}, copy=0) == 0
     assert share([0, 1, 2, 3], 2, 2) == (2, 3)
     assert share([0, 1], 2, 2) == (0, 1)  # oversubscribed test node: wraps around the real CPUs
+
+
+def test_bind_engine_keeps_a_launchers_gpu_binding():
+    env = {"CUDA_VISIBLE_DEVICES": "5"}  # srun --gpus-per-task=1 gave this engine one GPU already
+    spec = PoolLayout("gpu", 4, 1, 1, 1, pool_cores=4, node_cores=4, pin="fit")
+    before = os.sched_getaffinity(0)
+    try:
+        assert bind_engine(spec, 3, env)["gpus"] == ["5"]
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def test_bind_engine_sets_threads_and_gpus_without_touching_others():
@@ -81,8 +93,15 @@ def test_bind_engine_sets_threads_and_gpus_without_touching_others():
         os.sched_setaffinity(0, before)
     assert done["gpus"] == ["2"] and env["CUDA_VISIBLE_DEVICES"] == "2" and env["OMP_NUM_THREADS"] == "1"
     assert env["IPMTC_POOL"] == "gpu" and env["IPMTC_ENGINE_CORES"] == "2"
+    env = {"CUDA_VISIBLE_DEVICES": "0,1"}
+    alone = PoolLayout("default", 2, 1, 0, 1, pool_cores=2, node_cores=2, pin="fit")
+    try:
+        bind_engine(alone, 0, env)
+    finally:
+        os.sched_setaffinity(0, before)
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1"  # no GPU pool asked: GPUs are left as they are
     env = {}
-    cpu = PoolLayout("cpu", 2, 1, 0, 1, pool_cores=2, node_cores=2, pin="fit")
+    cpu = PoolLayout("cpu", 2, 1, 0, 1, pool_cores=2, node_cores=2, pin="fit", hide_gpus=True)
     try:
         bind_engine(cpu, 0, env)
     finally:
