@@ -166,7 +166,8 @@ def status(profile, verbose):
     click.echo(f"cluster {st['profile']}: running, up {int(up // 3600)}h{int(up % 3600 // 60):02d}m"
                f"{int(up % 60):02d}s, controller {st['controller']}")
     click.echo(f"  {st['allocation']}; launcher {st['launcher']}; start-up {st['startup_s']:.1f} s")
-    click.echo(f"  engines: {st['engines']}/{st['expected_engines']} registered")
+    click.echo(f"  engines: {st['engines']}/{st['expected_engines']} registered; restarts: {st.get('restarts', 0)}"
+               + (f"; given up (engines kept dying): {', '.join(st['given_up'])}" if st.get("given_up") else ""))
     for host, n in st["engines_per_host"].items():
         click.echo(f"    {host}: {n}")
     pools = st.get("pools", {})

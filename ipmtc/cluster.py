@@ -242,7 +242,7 @@ def start(*, preset: str | None = None, flags: Mapping[str, Any] | None = None, 
     deadline = time.monotonic() + timeout_s
     client = None
     try:
-        _start_processes(cluster, setup.plan)
+        _start_processes(cluster, setup.plan, int(setup.resolved.preset.engine_restarts))
         client = cluster.connect_client_sync()
         client = _wait_for_registration(cluster, client, setup.plan, deadline, timeout_s, on_progress)
         startup_s = time.monotonic() - t0
@@ -292,7 +292,7 @@ def _write_fresh_profile(setup: Setup, pdir: Path) -> None:
         (pdir / "security" / stale).unlink(missing_ok=True)
 
 
-def _start_processes(cluster, plan: EnginePlan) -> None:
+def _start_processes(cluster, plan: EnginePlan, restarts: int = 3) -> None:
     """Start the controller, then the engines with the plan's launcher (each in its own session).
 
     Under a 077 umask: the log files ipyparallel's launchers open here, and whatever the processes
@@ -300,12 +300,12 @@ def _start_processes(cluster, plan: EnginePlan) -> None:
     """
     old = os.umask(PRIVATE_UMASK)
     try:
-        _start(cluster, plan)
+        _start(cluster, plan, restarts)
     finally:
         os.umask(old)
 
 
-def _start(cluster, plan: EnginePlan) -> None:
+def _start(cluster, plan: EnginePlan, restarts: int) -> None:
     cluster.start_controller_sync()
     # srun starts each engine itself: engines need no MPI wiring, so they skip MPI_Init
     # (ipmtc.engine drops --mpi) and srun sets up no PMI. Measured with the mpich wheel under
@@ -314,11 +314,15 @@ def _start(cluster, plan: EnginePlan) -> None:
     engine_env = {"SLURM_MPI_TYPE": "none", "IPMTC_ENGINE_MPI": "0"} if plan.launcher == "srun" else {}
     machinefile = Path(cluster.profile_dir) / "machinefile"
     for pool in plan.pools:  # each pool: one launch, its layout in the engines' environment
-        env = {**engine_env, resources.BIND_ENV: pool.env()}
+        env = {**engine_env, resources.BIND_ENV: pool.env(), "IPMTC_ENGINE_RESTART_LIMIT": str(restarts)}
         if plan.launcher == "local":
             # one process imports ipyparallel once and forks the N engines: N fresh Pythons each
             # importing it were most of the start-up (measured: 6.6 s -> 4.5 s for 8 engines, 2 cores)
             cluster.start_engines_sync(n=1, engine_cmd=engine_cmd(copies=plan.pool_engines(pool)), environment=env)
+        elif plan.per_node:  # one process per node imports ipyparallel once and forks the node's engines
+            args = plan.pool_args(pool) + (("-machinefile", str(machinefile)) if plan.machinefile_lines else ())
+            cluster.start_engines_sync(n=len(plan.hosts), environment=env, mpi_args=list(args),
+                                       engine_cmd=engine_cmd(copies=pool.engines_per_node))
         elif len(plan.pools) == 1:  # the profile's arguments (what `ipcluster engines` would use too)
             cluster.start_engines_sync(n=plan.n_engines, environment=env)
         else:
@@ -478,12 +482,28 @@ def status(profile: str | None = None, *, timeout_s: float = 5.0) -> dict[str, A
         running = sum(q.get("tasks", 0) for k, q in queues.items() if isinstance(k, int))
         queued = sum(q.get("queue", 0) for k, q in queues.items() if isinstance(k, int))
         done = sum(q.get("completed", 0) for k, q in queues.items() if isinstance(k, int))
+        restarts, given_up = _restarts(Path(info.profile_dir))
+        out.update(restarts=restarts, given_up=given_up)
         out.update(engines=len(ids), engines_per_host=dict(sorted(per_host.items())),
                    tasks_running=running, tasks_queued=queued + queues.get("unassigned", 0),
                    tasks_done=done, pools=dict(sorted(pools.items())), engine_rows=rows)
     finally:
         client.close()
     return out
+
+
+def _restarts(pdir: Path) -> tuple[int, list[str]]:
+    """(engines restarted by their nodes' forkers, nodes given up) from the forkers' notes in log/."""
+    total, given_up = 0, []
+    for note in sorted((pdir / "log").glob("ipmtc-restarts-*.json")):
+        try:
+            data = json.loads(note.read_text())
+        except (OSError, ValueError):
+            continue
+        total += int(data.get("restarts", 0))
+        if data.get("given_up"):
+            given_up.append(str(data.get("node", "?")))
+    return total, given_up
 
 
 def wait_foreground(info: ClusterInfo) -> None:

@@ -150,15 +150,99 @@ def _supervise() -> None:
     _wait_all({child})
 
 
-def _fork_copies(n: int) -> int:
-    """Fork ``n`` engines; returns the copy number in each child, never in this parent."""
-    children: set[int] = set()
+def _fork_copies(n: int, restart_limit: int = 0) -> int:
+    """Fork ``n`` engines and supervise them; returns the copy number in each child, never in this parent.
+
+    An engine that dies by a signal (SIGKILL, an OOM kill, a segfault) while the cluster is not being
+    stopped is forked again with the same number (so the same cores and GPUs), up to ``restart_limit``
+    times for this node's engines in all; past it the node is given up (the survivors keep running).
+    An engine that exits by itself (removed, controller gone) is not restarted. Each restart is noted in
+    ``<profile>/log/ipmtc-restarts-<node>-<pid>.json`` for ``ipmtc status``.
+    """
+    children: dict[int, int] = {}
+    parent = os.getpid()
     for i in range(n):
         pid = os.fork()
         if pid == 0:
+            _die_with(parent)
             return i
-        children.add(pid)
-    _wait_all(children)
+        children[pid] = i
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in list(children):
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                pass
+
+    for sig in _FORWARDED:
+        signal.signal(sig, forward)
+    restarts = 0
+    code = 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        copy = children.pop(pid, None)
+        if copy is None:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        if code >= 0 or stopping:
+            continue
+        if restarts >= restart_limit:
+            _note_restarts(restarts, given_up=True, last_signal=-code)
+            continue
+        restarts += 1
+        _note_restarts(restarts, given_up=False, last_signal=-code)
+        child = os.fork()
+        if child == 0:
+            _die_with(parent)
+            for sig in _FORWARDED:
+                signal.signal(sig, signal.SIG_DFL)
+            os.environ["IPMTC_ENGINE_RESTARTS"] = str(restarts)
+            return copy
+        children[child] = copy
+    os._exit(128 - code if code < 0 else code)
+
+
+def _die_with(parent: int) -> None:
+    """This forked engine is SIGKILLed when its forker dies (measured: srun's SIGTERM has slurmstepd SIGKILL a
+    step's tasks, and an engine whose forker went first was left running, reparented, outside the step)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the forker died before the prctl took effect
+        os._exit(1)
+
+
+def _note_restarts(restarts: int, *, given_up: bool, last_signal: int) -> None:
+    """What this node's forker restarted, for ``ipmtc status`` (a small private file in the profile's log/)."""
+    import json
+    import socket
+
+    node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    log_dir = os.path.join(os.environ.get("IPP_PROFILE_DIR") or ".", "log")
+    pool = os.environ.get("IPMTC_POOL_NAME", "")
+    path = os.path.join(log_dir, f"ipmtc-restarts-{node}-{os.getpid()}.json")
+    try:
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"node": node, "pool": pool, "restarts": restarts, "given_up": given_up,
+                       "last_signal": last_signal}, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    if given_up:
+        print(f"ipmtc.engine: node {node}: an engine died (signal {last_signal}) after {restarts} restarts "
+              "here; not restarted again", file=sys.stderr, flush=True)
 
 
 def _pop_copies(argv: list[str]) -> int:
@@ -185,6 +269,13 @@ def _private() -> None:
     redact_in_logs([key])
 
 
+def _restart_limit() -> int:
+    try:
+        return max(0, int(os.environ.get("IPMTC_ENGINE_RESTART_LIMIT", "0")))
+    except ValueError:
+        return 0
+
+
 def _bind(copy: int | None) -> None:
     """Pin this engine to its cores and GPUs (its pool's layout in $IPMTC_ENGINE_BIND), before user code runs."""
     from .resources import bind_from_environ
@@ -203,7 +294,13 @@ def _bind(copy: int | None) -> None:
 def main() -> None:
     copies = _pop_copies(sys.argv)
     mpi = "--mpi" in sys.argv
-    if os.environ.get("IPMTC_ENGINE_MPI") == "0" and mpi:
+    if copies and mpi:
+        # one process per node forking its engines (srun/mpiexec): no MPI in any of them -- one rank cannot be
+        # shared by forks; the forker is what the launcher sees, and it always ends with a plain exit status
+        sys.argv.remove("--mpi")
+        mpi = False
+        _own_log("node")
+    elif os.environ.get("IPMTC_ENGINE_MPI") == "0" and mpi:
         # started by srun: a plain engine (no MPI_Init, nothing left in /dev/shm)
         sys.argv.remove("--mpi")
         mpi = False
@@ -218,7 +315,7 @@ def main() -> None:
 
     copy = None
     if copies:
-        copy = _fork_copies(copies)
+        copy = _fork_copies(copies, _restart_limit())
         _own_log(f"local{copy}")
     _bind(copy)
     _ipp.install_nanny_starter(_NannyFork().start_nanny)

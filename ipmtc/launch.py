@@ -43,6 +43,7 @@ class EnginePlan:
     machinefile_lines: tuple[str, ...] = ()  # hydra machine file for a PBS/LSF subset
     security: str = "curve"  # "curve": CurveZMQ on every socket (and HMAC); "hmac": signed, in clear
     pools: tuple[PoolLayout, ...] = ()  # the engine pools on each node, in start order
+    mpi_engines: bool = False  # srun/mpiexec: one rank per engine, not one forker per node
 
     def describe(self) -> str:
         where = f"{len(self.hosts)} node{'s' if len(self.hosts) != 1 else ''}"
@@ -58,10 +59,20 @@ class EnginePlan:
         """How many engines of ``pool`` start (all of them when it is the only pool)."""
         return self.n_engines if len(self.pools) == 1 else pool.engines_per_node * len(self.hosts)
 
+    @property
+    def per_node(self) -> bool:
+        """srun/mpiexec start one process per node, which imports ipyparallel once and forks the node's
+        engines (and restarts one that dies) -- unless MPI engines were asked for, or the engine count is
+        not the same on every node."""
+        return self.launcher != "local" and not self.mpi_engines and \
+            self.n_engines == self.engines_per_node * len(self.hosts)
+
     def pool_args(self, pool: PoolLayout) -> tuple[str, ...]:
         """The launcher's arguments for one pool's engines (each pool is one srun step / mpiexec / forker)."""
-        if len(self.pools) <= 1 or self.launcher == "local":
+        if self.launcher == "local" or (len(self.pools) <= 1 and not self.per_node):
             return self.mpi_args
+        tasks = 1 if self.per_node else pool.engines_per_node
+        cores = pool.pool_cores if self.per_node else pool.cores_per_engine
         out: list[str] = []
         skip = False
         for a in self.mpi_args:  # the plan's per-node count is all pools'; each launch gets its own
@@ -72,14 +83,16 @@ class EnginePlan:
             else:
                 out.append(a)
         if self.launcher == "srun":
+            several = len(self.pools) > 1
             # each pool's step holds only its own CPUs (--exact), and a CPU pool's no GPU (a step takes every
             # GPU of the job by default, and the next step would wait for them), so every pool's step starts
-            gres = () if pool.gpus_per_engine else ("--gres=none",)
+            gres = ("--gres=none",) if several and not pool.gpus_per_engine else ()
             # GPU engines sharing cores (more of them than cores): Slurm must be told, or the step waits
-            over = ("--overcommit",) if pool.pool_cores < pool.engines_per_node * pool.cores_per_engine else ()
-            return ("--ntasks-per-node", str(pool.engines_per_node), "--cpus-per-task", str(pool.cores_per_engine),
-                    "--exact", *over, *gres, *out)
-        return ("-ppn", str(pool.engines_per_node), *out)
+            over = ("--overcommit",) if not self.per_node and \
+                pool.pool_cores < pool.engines_per_node * pool.cores_per_engine else ()
+            return ("--ntasks-per-node", str(tasks), "--cpus-per-task", str(max(1, cores)),
+                    *(("--exact",) if several else ()), *over, *gres, *out)
+        return ("-ppn", str(tasks), *out)
 
 
 def engine_cmd(copies: int = 0) -> list[str]:
@@ -158,7 +171,7 @@ def plan_engines(preset: Preset, alloc: Allocation, *, nodes: int | None = None,
     return EnginePlan(launcher=launcher, n_engines=n, hosts=tuple(hosts), engines_per_node=epn,
                       mpi_cmd=mpi_cmd, mpi_args=mpi_args, controller_ip=ip,
                       controller_location=location, machinefile_lines=machinefile,
-                      security=security_mode(preset.security, ip), pools=pools)
+                      security=security_mode(preset.security, ip), pools=pools, mpi_engines=bool(preset.mpi_engines))
 
 
 def _pools(preset: Preset, alloc: Allocation, hosts: tuple[str, ...], epn: int, engines: int | None,

@@ -54,6 +54,8 @@ class Preset:
     cores_per_engine: int = 1  # cores each engine is pinned to (OMP_NUM_THREADS & co. follow)
     gpus_per_engine: int = 0  # GPUs each engine sees alone (CUDA_VISIBLE_DEVICES & co.)
     threads_per_engine: int | str = AUTO  # OMP/MKL/OpenBLAS threads per engine ('auto': its cores)
+    engine_restarts: int = 3  # engines a node's forker restarts after they die by a signal (then: given up)
+    mpi_engines: bool = False  # srun/mpiexec: one MPI rank per engine (mpi4py in tasks) instead of one per node
     pools: tuple[str, ...] = ()  # named engine pools, e.g. ["gpu:gpus-per-engine=1", "cpu:cores-per-engine=1"]
     security: str = "auto"  # curve: CurveZMQ + HMAC on every socket; hmac: signed only; auto: curve if libzmq has it
 
@@ -69,9 +71,10 @@ MINIMUM: dict[str, float] = {"hwm": 0, "heartbeat_period_ms": 1, "heartbeat_miss
                              "engine_heartbeat_misses": 0, "registration_timeout_s": 0.001,
                              "engine_timeout_s": 0.001, "start_timeout_s": 0.001,
                              "engines_per_node": 1, "crash_limit": 1, "cores_per_engine": 1,
-                             "gpus_per_engine": 0, "threads_per_engine": 1}
+                             "gpus_per_engine": 0, "threads_per_engine": 1, "engine_restarts": 0}
 INTEGER_KEYS = ("hwm", "heartbeat_period_ms", "heartbeat_misses", "engine_heartbeat_misses", "engines_per_node",
-                "crash_limit", "cores_per_engine", "gpus_per_engine", "threads_per_engine")
+                "crash_limit", "cores_per_engine", "gpus_per_engine", "threads_per_engine", "engine_restarts")
+BOOL_KEYS = ("mpi_engines",)
 LIST_KEYS = ("mpi_args", "pools")
 
 
@@ -150,6 +153,15 @@ def coerce(key: str, value: Any, origin: str) -> Any:
         raise PresetError(f"{origin}: {key} cannot be 'auto'; give a value")
     default = FIELDS[key].default
     try:
+        if key in BOOL_KEYS:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "yes", "1", "on"):
+                return True
+            if text in ("false", "no", "0", "off"):
+                return False
+            raise TypeError
         if key in LIST_KEYS:
             if isinstance(value, str):
                 value = shlex.split(value)
@@ -182,7 +194,8 @@ def coerce(key: str, value: Any, origin: str) -> Any:
             raise PresetError(f"{origin}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
         return value
     except (TypeError, ValueError, OverflowError):
-        kind = ("list of strings" if key in LIST_KEYS else "whole number" if key in INTEGER_KEYS
+        kind = ("list of strings" if key in LIST_KEYS else "true or false" if key in BOOL_KEYS
+                else "whole number" if key in INTEGER_KEYS
                 else "number" if key in MINIMUM else type(default).__name__)
         if key in AUTO_OK:
             kind += " or 'auto'"

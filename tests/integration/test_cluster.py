@@ -24,10 +24,12 @@ def _square(x):
     return x * x
 
 
-@pytest.mark.parametrize("launcher", ["local", "mpiexec"])
+@pytest.mark.parametrize("launcher", ["local", "mpiexec", "mpiexec-ranks"])
 @pytest.mark.parametrize("n", [2, 8])
 def test_start_status_map_stop(start_cluster, launcher, n):
-    info = start_cluster(n, launcher=launcher)
+    ranks_asked = launcher == "mpiexec-ranks"
+    launcher = launcher.split("-")[0]
+    info = start_cluster(n, launcher=launcher, **({"mpi_engines": True} if ranks_asked else {}))
     assert info.n_engines == n and info.launcher == launcher
     assert len(info.engines) == n and info.startup_s > 0
     st = cluster.status(info.profile)
@@ -40,9 +42,10 @@ def test_start_status_map_stop(start_cluster, launcher, n):
         pids = rc[:].apply_sync(os.getpid)
         assert len(set(pids)) == n
         assert rc.load_balanced_view().map_sync(_square, range(50)) == [x * x for x in range(50)]
-        if launcher == "mpiexec":  # engines really are MPI ranks of one mpiexec
+        if launcher == "mpiexec":
             ranks = sorted(int(e["rank"]) for e in info.engines.values())
-            assert ranks == list(range(n))
+            # mpi_engines: every engine an MPI rank of one mpiexec; else one rank per node forks its engines
+            assert ranks == (list(range(n)) if ranks_asked else [0] * n)
     finally:
         rc.close()
     _, stopped = cluster.stop(info.profile)
@@ -113,8 +116,9 @@ def _pmi_rank() -> int:
 
 
 def test_sigkill_of_mpi_engines_leaves_the_others_working(start_cluster):
-    """hydra SIGKILLs a node's ranks when one dies by a signal (a race): two kills, none spread."""
-    info = start_cluster(4, launcher="mpiexec")
+    """hydra SIGKILLs a node's ranks when one dies by a signal (a race): two kills, none spread.
+    (MPI engines: one rank each; by default a node's engines are forked by one rank, see test_elastic.)"""
+    info = start_cluster(4, launcher="mpiexec", mpi_engines=True)
     rc = ipmtc.connect(info.profile)
     try:
         by_rank = {r: e for e, r in zip(rc.ids, rc[:].apply_sync(_pmi_rank))}

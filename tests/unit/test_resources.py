@@ -137,10 +137,20 @@ def test_plan_pools_each_its_own_srun_step(fake_srun):
     plan = _plan({"pools": ["gpu:gpus-per-engine=1", "cpu"]}, gpus=4)
     gpu, cpu = plan.pools
     assert plan.n_engines == 64 and plan.pool_engines(gpu) == 16 and plan.pool_engines(cpu) == 48
+    # one forker per node and pool, holding the pool's cores there (it forks the node's engines)
+    assert plan.per_node
+    assert plan.pool_args(gpu)[:5] == ("--ntasks-per-node", "1", "--cpus-per-task", "4", "--exact")
+    assert plan.pool_args(cpu)[:4] == ("--ntasks-per-node", "1", "--cpus-per-task", "12")
+    assert plan.pool_args(cpu).count("--ntasks-per-node") == 1 and "--gres=none" in plan.pool_args(cpu)
+    assert "pool gpu: 4/node x 1 core, 1 GPU" in plan.describe()
+
+
+def test_plan_mpi_engines_one_rank_per_engine(fake_srun):
+    plan = _plan({"pools": ["gpu:gpus-per-engine=1", "cpu"], "mpi_engines": True}, gpus=4)
+    gpu, cpu = plan.pools
+    assert not plan.per_node
     assert plan.pool_args(gpu)[:5] == ("--ntasks-per-node", "4", "--cpus-per-task", "1", "--exact")
     assert plan.pool_args(cpu)[:2] == ("--ntasks-per-node", "12")
-    assert plan.pool_args(cpu).count("--ntasks-per-node") == 1
-    assert "pool gpu: 4/node x 1 core, 1 GPU" in plan.describe()
 
 
 def test_plan_default_is_unchanged_one_engine_per_task_slot(fake_srun):
