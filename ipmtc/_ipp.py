@@ -218,3 +218,12 @@ __all__ = [
     "forget_result", "hub_probe_socket", "install_nanny_starter", "kernel_parts", "launcher_pids", "nanny_main",
     "purge_hub_nowait",
 ]
+
+
+def profile_dir_of(client: Any) -> str | None:
+    """The profile folder a ``Client`` was connected through (None: given connection info directly).
+
+    Relies on: the private ``Client._profile_dir`` (an IPython ``ProfileDir`` or None).
+    """
+    pd = getattr(client, "_profile_dir", None)
+    return getattr(pd, "location", None)

@@ -75,31 +75,46 @@ set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                           help="override one preset key (repeatable), e.g. --set hwm=0")
 
 
+def engine_options(f):
+    """The options that say how many engines, where and with what (``start`` and ``add``)."""
+    for opt in reversed([
+        click.option("--nodes", type=int, help="nodes of the allocation to use (default: all)"),
+        click.option("--engines-per-node", type=int, help="engines on each node (default: the job's tasks per node)"),
+        click.option("--engines", type=int, help="total engines (default: one per task slot / core)"),
+        click.option("--cores-per-engine", type=int, metavar="K",
+                     help="pin each engine to K cores (engines per node = cores / K; OMP_NUM_THREADS=K)"),
+        click.option("--gpus-per-engine", type=int, metavar="G",
+                     help="each engine sees G GPUs of its own (engines per node = GPUs / G)"),
+        click.option("--threads-per-engine", type=int, metavar="T",
+                     help="OMP/MKL/OpenBLAS threads (default: its cores)"),
+        click.option("--pool", "pools", multiple=True, metavar="NAME:KEY=V,...",
+                     help="a named engine pool (repeatable), e.g. --pool gpu:gpus-per-engine=1 "
+                          "--pool cpu:cores-per-engine=1"),
+        click.option("--launcher", type=click.Choice(_presets.LAUNCHERS), help="how engines start"),
+        preset_option, profile_option, set_option,
+        click.option("--timeout-s", type=float, help="how long to wait for all engines to register"),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _engine_flags(sets, engines_per_node, launcher, timeout_s, cores_per_engine, gpus_per_engine,
+                  threads_per_engine, pools) -> dict:
+    return {**_parse_sets(sets), "engines_per_node": engines_per_node, "launcher": launcher,
+            "start_timeout_s": timeout_s, "cores_per_engine": cores_per_engine,
+            "gpus_per_engine": gpus_per_engine, "threads_per_engine": threads_per_engine,
+            "pools": list(pools) or None}
+
+
 @main.command()
-@click.option("--nodes", type=int, help="nodes of the allocation to use (default: all)")
-@click.option("--engines-per-node", type=int, help="engines on each node (default: the job's tasks per node)")
-@click.option("--engines", type=int, help="total engines (default: one per task slot / core)")
-@click.option("--cores-per-engine", type=int, metavar="K",
-              help="pin each engine to K cores (engines per node = cores / K; OMP_NUM_THREADS=K)")
-@click.option("--gpus-per-engine", type=int, metavar="G",
-              help="each engine sees G GPUs of its own (engines per node = GPUs / G)")
-@click.option("--threads-per-engine", type=int, metavar="T", help="OMP/MKL/OpenBLAS threads (default: its cores)")
-@click.option("--pool", "pools", multiple=True, metavar="NAME:KEY=V,...",
-              help="a named engine pool (repeatable), e.g. --pool gpu:gpus-per-engine=1 --pool cpu:cores-per-engine=1")
-@click.option("--launcher", type=click.Choice(_presets.LAUNCHERS), help="how engines start")
-@preset_option
-@profile_option
-@set_option
-@click.option("--timeout-s", type=float, help="how long to wait for all engines to register")
+@engine_options
 @click.option("--foreground", is_flag=True, help="stay in the foreground; Ctrl-C or SIGTERM stops the cluster")
 @_fail_cleanly
 def start(nodes, engines_per_node, engines, cores_per_engine, gpus_per_engine, threads_per_engine, pools, launcher,
           preset, profile, sets, timeout_s, foreground):
     """Start a controller here and engines across the allocation."""
-    flags = {**_parse_sets(sets), "engines_per_node": engines_per_node, "launcher": launcher,
-             "start_timeout_s": timeout_s, "cores_per_engine": cores_per_engine,
-             "gpus_per_engine": gpus_per_engine, "threads_per_engine": threads_per_engine,
-             "pools": list(pools) or None}
+    flags = _engine_flags(sets, engines_per_node, launcher, timeout_s, cores_per_engine, gpus_per_engine,
+                          threads_per_engine, pools)
     tty = sys.stderr.isatty()
 
     def progress(done: int, total: int) -> None:
@@ -131,6 +146,77 @@ def start(nodes, engines_per_node, engines, cores_per_engine, gpus_per_engine, t
         if info is not None:
             _cluster.stop_cluster(info)
         click.echo("ipmtc: stopped", err=True)
+
+
+@main.command()
+@engine_options
+@click.option("--foreground", is_flag=True,
+              help="stay until SIGTERM/Ctrl-C (e.g. this job's walltime warning), then drain and stop these engines")
+@click.option("--submit", is_flag=True, help="write and submit a batch job (sbatch/qsub) that runs this add itself")
+@click.option("--time", "time_limit", metavar="T", help="--submit: the job's walltime (e.g. 1:00:00)")
+@click.option("--partition", metavar="P", help="--submit: partition / queue")
+@click.option("--account", metavar="A", help="--submit: account to charge")
+@_fail_cleanly
+def add(nodes, engines_per_node, engines, cores_per_engine, gpus_per_engine, threads_per_engine, pools, launcher,
+        preset, profile, sets, timeout_s, foreground, submit, time_limit, partition, account):
+    """Add engines to a running cluster: from its allocation, another job's script, or a job it submits."""
+    from . import elastic
+
+    flags = _engine_flags(sets, engines_per_node, launcher, timeout_s, cores_per_engine, gpus_per_engine,
+                          threads_per_engine, pools)
+    if submit:
+        info = _cluster.find(profile)
+        args: list[str] = []  # the same add, run by the job on its own nodes
+        for flag, value in (("--nodes", nodes), ("--engines-per-node", engines_per_node), ("--engines", engines),
+                            ("--cores-per-engine", cores_per_engine), ("--gpus-per-engine", gpus_per_engine),
+                            ("--threads-per-engine", threads_per_engine), ("--launcher", launcher),
+                            ("--preset", preset), ("--timeout-s", timeout_s)):
+            if value is not None:
+                args += [flag, str(value)]
+        for flag, values in (("--pool", pools), ("--set", sets)):
+            for value in values:
+                args += [flag, value]
+        job = elastic.submit(info.profile, args, nodes=nodes or 1, time_limit=time_limit, partition=partition,
+                             account=account)
+        click.echo(f"ipmtc: submitted job {job}: it adds engines to cluster {info.profile} when it starts "
+                   f"(its output: {info.profile_dir}/log/)")
+        return
+
+    def progress(done: int, total: int) -> None:
+        click.echo(f"engines {done}/{total} added", err=True)
+
+    added = elastic.add(profile, engines=engines, nodes=nodes, preset=preset, flags=flags, on_progress=progress)
+    click.echo(f"ipmtc: {len(added.ids)} engines added ({added.origin}): ids {added.ids[0]}..{added.ids[-1]}")
+    if foreground:
+        click.echo("  in the foreground; SIGTERM or Ctrl-C drains and stops them", err=True)
+        elastic.wait_then_leave(added, _cluster.find(profile).profile)
+        click.echo(f"ipmtc: the {len(added.ids)} engines added from {added.origin} left")
+
+
+@main.command()
+@profile_option
+@click.option("--engines", type=int, metavar="K", help="the K newest engines leave")
+@click.option("--ids", metavar="I,J,...", help="these engines leave")
+@click.option("--host", metavar="H", help="the engines on this node leave")
+@click.option("--job", metavar="J", help="the engines added from batch job J leave")
+@click.option("--no-wait", is_flag=True, help="return at once instead of when they are gone")
+@click.option("--timeout-s", type=float, default=3600.0, show_default=True, help="how long to wait for them")
+@_fail_cleanly
+def remove(profile, engines, ids, host, job, no_wait, timeout_s):
+    """Drain engines: maps hand them nothing more, each exits after what it holds (no loss, no failure)."""
+    from . import elastic
+
+    id_list = None
+    if ids is not None:
+        try:
+            id_list = [int(i) for i in ids.split(",") if i.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{ids!r}: give engine ids like 3,4,7", param_hint="--ids") from None
+    t0 = time.monotonic()
+    gone = elastic.remove(profile, engines=engines, ids=id_list, host=host, job=job, wait=not no_wait,
+                          timeout_s=timeout_s)
+    verb = "left" if not no_wait else "asked to leave"
+    click.echo(f"ipmtc: engines {gone} {verb} ({time.monotonic() - t0:.1f} s)")
 
 
 @main.command()
@@ -170,6 +256,9 @@ def status(profile, verbose):
                + (f"; given up (engines kept dying): {', '.join(st['given_up'])}" if st.get("given_up") else ""))
     for host, n in st["engines_per_host"].items():
         click.echo(f"    {host}: {n}")
+    origins = st.get("origins", {})
+    if len(origins) > 1:
+        click.echo("  by origin: " + ", ".join(f"{o}: {n}" for o, n in origins.items()))
     pools = st.get("pools", {})
     if len(pools) > 1 or any(p.get("cores_per_engine", 1) > 1 or p.get("gpus", 0) for p in pools.values()):
         for name, p in pools.items():
@@ -177,10 +266,10 @@ def status(profile, verbose):
                        f"{p['tasks_done']} done")
     rows = st.get("engine_rows", [])
     if rows and (len(rows) <= 64 or verbose):
-        click.echo(f"  {'engine':>6s} {'pool':10s} {'node':12s} {'cores':10s} {'cpus':10s} gpus")
+        click.echo(f"  {'engine':>6s} {'pool':10s} {'node':12s} {'cores':10s} {'cpus':10s} {'gpus':8s} origin")
         for r in rows:
             click.echo(f"  {r['id']:>6} {r['pool']:10s} {r['node']:12s} {r['cores'] or '-':10s} {r['cpus'] or '-':10s} "
-                       f"{r['gpus'] or '-'}")
+                       f"{r['gpus'] or '-':8s} {r.get('origin', '')}")
     elif rows:
         click.echo(f"  ({len(rows)} engines: --verbose lists each one's cores and GPUs)")
     click.echo(f"  tasks: {st['tasks_queued']} queued, {st['tasks_running']} running, {st['tasks_done']} done")

@@ -52,6 +52,7 @@ class ClusterInfo:
     user: str = ""
     hostname: str = ""
     preset: str = ""
+    added: list[dict[str, Any]] = field(default_factory=list)  # engines `ipmtc add` started: origin, host, pids
 
     @property
     def state_path(self) -> Path:
@@ -157,7 +158,8 @@ def _engine_info() -> dict[str, Any]:
 
     return {"host": socket.gethostname(), "pid": os.getpid(),
             "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
-            "rank": os.environ.get("PMI_RANK") or os.environ.get("SLURM_PROCID"), **engine_resources()}
+            "rank": os.environ.get("PMI_RANK") or os.environ.get("SLURM_PROCID"),
+            "origin": os.environ.get("IPMTC_ORIGIN", "start"), **engine_resources()}
 
 
 def _tail(path: str | os.PathLike, n: int = LOG_TAIL_LINES) -> str:
@@ -307,14 +309,24 @@ def _start_processes(cluster, plan: EnginePlan, restarts: int = 3) -> None:
 
 def _start(cluster, plan: EnginePlan, restarts: int) -> None:
     cluster.start_controller_sync()
+    start_engine_sets(cluster, plan, restarts, machinefile=Path(cluster.profile_dir) / "machinefile")
+
+
+def start_engine_sets(cluster, plan: EnginePlan, restarts: int, *, machinefile: Path,
+                      extra_env: Mapping[str, str] | None = None, mpi_cmd: tuple[str, ...] = ()) -> None:
+    """Start the plan's engines, pool by pool, through ``cluster``'s launchers (``ipmtc start`` and ``ipmtc add``).
+
+    ``mpi_cmd``: the launcher program where it differs from the profile's (an ``ipmtc add`` elsewhere).
+    """
     # srun starts each engine itself: engines need no MPI wiring, so they skip MPI_Init
     # (ipmtc.engine drops --mpi) and srun sets up no PMI. Measured with the mpich wheel under
     # Slurm's pmi2 plugin: MPI_Init now and then hung ("mpi/pmi2: value not properly
     # terminated") and every killed singleton left a /dev/shm segment behind.
     engine_env = {"SLURM_MPI_TYPE": "none", "IPMTC_ENGINE_MPI": "0"} if plan.launcher == "srun" else {}
-    machinefile = Path(cluster.profile_dir) / "machinefile"
+    extra: dict[str, Any] = {"mpi_cmd": list(mpi_cmd)} if mpi_cmd and plan.launcher != "local" else {}
     for pool in plan.pools:  # each pool: one launch, its layout in the engines' environment
-        env = {**engine_env, resources.BIND_ENV: pool.env(), "IPMTC_ENGINE_RESTART_LIMIT": str(restarts)}
+        env = {**engine_env, **(extra_env or {}), resources.BIND_ENV: pool.env(),
+               "IPMTC_ENGINE_RESTART_LIMIT": str(restarts)}
         if plan.launcher == "local":
             # one process imports ipyparallel once and forks the N engines: N fresh Pythons each
             # importing it were most of the start-up (measured: 6.6 s -> 4.5 s for 8 engines, 2 cores)
@@ -322,12 +334,12 @@ def _start(cluster, plan: EnginePlan, restarts: int) -> None:
         elif plan.per_node:  # one process per node imports ipyparallel once and forks the node's engines
             args = plan.pool_args(pool) + (("-machinefile", str(machinefile)) if plan.machinefile_lines else ())
             cluster.start_engines_sync(n=len(plan.hosts), environment=env, mpi_args=list(args),
-                                       engine_cmd=engine_cmd(copies=pool.engines_per_node))
-        elif len(plan.pools) == 1:  # the profile's arguments (what `ipcluster engines` would use too)
+                                       engine_cmd=engine_cmd(copies=pool.engines_per_node), **extra)
+        elif len(plan.pools) == 1 and not extra:  # the profile's arguments (what `ipcluster engines` would use)
             cluster.start_engines_sync(n=plan.n_engines, environment=env)
         else:
             args = plan.pool_args(pool) + (("-machinefile", str(machinefile)) if plan.machinefile_lines else ())
-            cluster.start_engines_sync(n=plan.pool_engines(pool), environment=env, mpi_args=list(args))
+            cluster.start_engines_sync(n=plan.pool_engines(pool), environment=env, mpi_args=list(args), **extra)
 
 
 def _wait_for_registration(cluster, client, plan: EnginePlan, deadline: float, timeout_s: float,
@@ -400,7 +412,8 @@ def _stop_failed_start(cluster, pdir: Path) -> str:
 
 def _remove_files(pdir: Path) -> None:
     sec = pdir / "security"
-    for f in (STATE_FILE, "ipcontroller-client.json", "ipcontroller-engine.json", "cluster-.json"):
+    for f in (STATE_FILE, "ipcontroller-client.json", "ipcontroller-engine.json", "cluster-.json",
+              "ipmtc-leaving.json"):
         (sec / f).unlink(missing_ok=True)
 
 
@@ -413,6 +426,22 @@ def _same_process(info: ClusterInfo, pid: int) -> bool:
 
 def _cleanup(info: ClusterInfo) -> int:
     pdir = Path(info.profile_dir)
+    here = socket.gethostname()
+    elsewhere = [i for a in info.added if a.get("host") != here for i in a.get("ids", [])]
+    if elsewhere and info.running:  # engines added from another host: asked to shut down (their PIDs are not ours)
+        try:
+            client = connect(info.profile, timeout_s=5.0, wait_for_engines=False)
+            try:
+                client.shutdown(targets=[i for i in elsewhere if i in client.ids], block=False)
+            finally:
+                client.close()
+        except Exception:
+            pass
+    for a in info.added:  # engines added from this host: stopped like the rest
+        if a.get("host") == here:
+            info.launcher_pids = info.launcher_pids + list(a.get("launcher_pids", []))
+            info.pids = info.pids + list(a.get("pids", []))
+            info.pid_times.update(a.get("pid_times", {}))
     groups = {g for g in set(info.launcher_pids) | set(_ipp.cluster_file_pids(pdir)) if _same_process(info, g)}
     # now-current descendants too: nannies and MPI proxies live in other sessions
     pids = {p for p in info.pids if _same_process(info, p)} | {p for g in groups for p in _proc.process_tree(g)}
@@ -462,6 +491,7 @@ def status(profile: str | None = None, *, timeout_s: float = 5.0) -> dict[str, A
                 pass
         per_host: dict[str, int] = {}
         pools: dict[str, dict[str, int]] = {}
+        origins: dict[str, int] = {}
         rows = []
         for i in ids:
             e = info.engines.get(str(i), {})
@@ -477,8 +507,10 @@ def status(profile: str | None = None, *, timeout_s: float = 5.0) -> dict[str, A
             p["gpus"] += len([g for g in str(e.get("gpus", "")).split(",") if g])
             n_cores = len([c for c in str(e.get("cores", "")).split(",") if c])
             p["cores_per_engine"] = max(p["cores_per_engine"], n_cores)
+            origin = str(e.get("origin", "start"))
+            origins[origin] = origins.get(origin, 0) + 1
             rows.append({"id": i, "pool": pool, "node": node, "cores": str(e.get("cores", "")),
-                         "cpus": str(e.get("cpus", "")), "gpus": str(e.get("gpus", ""))})
+                         "cpus": str(e.get("cpus", "")), "gpus": str(e.get("gpus", "")), "origin": origin})
         running = sum(q.get("tasks", 0) for k, q in queues.items() if isinstance(k, int))
         queued = sum(q.get("queue", 0) for k, q in queues.items() if isinstance(k, int))
         done = sum(q.get("completed", 0) for k, q in queues.items() if isinstance(k, int))
@@ -486,7 +518,7 @@ def status(profile: str | None = None, *, timeout_s: float = 5.0) -> dict[str, A
         out.update(restarts=restarts, given_up=given_up)
         out.update(engines=len(ids), engines_per_host=dict(sorted(per_host.items())),
                    tasks_running=running, tasks_queued=queued + queues.get("unassigned", 0),
-                   tasks_done=done, pools=dict(sorted(pools.items())), engine_rows=rows)
+                   tasks_done=done, pools=dict(sorted(pools.items())), engine_rows=rows, origins=origins)
     finally:
         client.close()
     return out

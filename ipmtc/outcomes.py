@@ -21,6 +21,7 @@ LOST: Final = "lost"  # its engine died under it (no retry spent)
 STRAGGLER: Final = "straggler"  # aborted by fast_abort and rerun elsewhere (no retry spent)
 ABORTED: Final = "aborted"  # engine side: interrupted by SIGINT
 NOTRUN: Final = "notrun"  # engine side: not reached in its chunk
+LEFT: Final = "left"  # queued on an engine that `ipmtc remove` drained: handed out again (no retry spent)
 
 FAILED: Final = (RAISED, WALLTIME, MEMORY, CRASHED)  # final outcomes that count as failures
 FINAL: Final = (OK, *FAILED)  # outcomes a journal records

@@ -64,7 +64,7 @@ class PoolLayout:
     pool_cores: int = 0  # cores this pool uses on a node (fewer than engines x cores: GPU engines sharing)
     node_cores: int = 0  # cores all pools use on a node
     hide_gpus: bool = False  # a CPU pool beside a GPU pool: its engines see no GPU at all
-    pin: str = "always"  # "always": asked for; "fit": only where the node has a CPU for every core used
+    pin: str = "always"  # "always": asked for; "fit": only where the node has a CPU for every core used; "none"
 
     def env(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -273,7 +273,7 @@ def bind_engine(spec: PoolLayout, index: int, environ: dict[str, str] | None = N
     if len(cpus) == spec.cores_per_engine and spec.engines_per_node > 1:
         mine = tuple(cpus)  # the launcher bound this engine to exactly its share already: keep it
         wrapped = False
-    elif wrapped and spec.pin != "always":
+    elif spec.pin == "none" or (wrapped and spec.pin != "always"):
         mine = tuple(cpus)  # more engines than CPUs, not asked to pin: the kernel balances them better
     else:
         mine = share(cpus, first, spec.cores_per_engine)

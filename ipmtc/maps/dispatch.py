@@ -21,8 +21,10 @@ import contextlib
 import queue
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+from .. import _ipp
 from .hubwatch import HubWatch
 from .ledger import Ledger
 from .options import Options
@@ -48,8 +50,10 @@ class Dispatcher:
         self.ledger = Ledger(source, n_total, opts, len(engines), self.bar)
         self.placement = Placement(opts, engines, n_total, self.ledger.times, only)
         self.transport = Transport(client, spec, self.done_q.put)
+        pdir = _ipp.profile_dir_of(client)
         self.supervisor = Supervisor(self.placement, self.ledger, self.transport, opts.fast_abort,
-                                     HubWatch.for_client(client))
+                                     HubWatch.for_client(client),
+                                     Path(pdir) / "security" / "ipmtc-leaving.json" if pdir else None)
         self.journal = opts.journal
 
     def run(self) -> MapResult:

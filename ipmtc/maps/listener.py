@@ -87,6 +87,7 @@ class _Listener:
         self.out = _plain(sys.__stdout__), _plain(sys.__stderr__)  # the engine's own output: its log
         self.maps: OrderedDict[str, MapSpec | dict[str, str]] = OrderedDict()  # a dict: why it failed
         self.heard = time.monotonic()
+        self.last_chunk = 0.0  # when the last chunk ended (an engine asked to leave waits for a quiet spell)
         self.stream = ZMQStream(self.sock, io_loop)
         self.stream.on_recv(self._on_recv, copy=True)
         self.watch = PeriodicCallback(self._check, 1000)
@@ -138,7 +139,7 @@ class _Listener:
                 return
             self.last_seq = seq
             self._run(header[1], header[2], payload)
-            self.heard = time.monotonic()  # a long chunk is not the driver's silence
+            self.heard = self.last_chunk = time.monotonic()  # a long chunk is not the driver's silence
         elif kind == "close":
             self.close(bye=False)
 

@@ -43,6 +43,7 @@ class Placement:
         self.rot = 0
         self.draining = False
         self.exclusive: set[int] = set()  # engines running a task under crash suspicion: nothing else goes there
+        self.leaving: set[int] = set()  # engines `ipmtc remove` drains: nothing more goes there
 
     # ------------------------------------------------------------ the engines
 
@@ -106,7 +107,8 @@ class Placement:
         window = self.window(pending)
         n_eng = len(self.engines)
         order = [self.engines[(self.rot + k) % n_eng] for k in range(n_eng)]
-        room = [e for e in order if self.load.get(e, 0) < window and e != exclude and e not in self.exclusive]
+        room = [e for e in order if self.load.get(e, 0) < window and e != exclude and e not in self.exclusive
+                and e not in self.leaving]
         if not self.static:
             room.sort(key=lambda e: self.load.get(e, 0))  # stable: rotation breaks ties
         return room

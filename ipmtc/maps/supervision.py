@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from ..errors import ControllerLostError, EnginesLostError
-from ..outcomes import LOST
+from ..outcomes import LEFT, LOST
 from .hubwatch import LOST_AFTER_S, HubWatch
 from .ledger import Ledger
 from .placement import Placement
@@ -38,8 +39,10 @@ class Supervisor:
     """Engine liveness, lost-engine rescue, straggler aborts and giving up, for one map."""
 
     def __init__(self, placement: Placement, ledger: Ledger, transport: Transport, fast_abort: float | None,
-                 hub: HubWatch | None = None):
+                 hub: HubWatch | None = None, leaving_file: Path | None = None):
         self.placement, self.ledger, self.transport = placement, ledger, transport
+        self.leaving_file = leaving_file  # `ipmtc remove` names the engines that leave (drain) there
+        self._leaving_seen: float | None = None
         self.fast_abort = fast_abort
         self.hub = hub
         self.controller_lost = False
@@ -60,7 +63,13 @@ class Supervisor:
 
     def track_engines(self) -> None:
         """Follow the client's engines: rescue the chunks of the lost ones, ask the new ones to listen."""
+        self._follow_leaving()
         lost, new = self.placement.track(self.transport.engine_ids())
+        left = [e for e in lost if e in self.placement.leaving]
+        if left:  # drained by `ipmtc remove`: not a loss; what was still queued there is handed out again
+            lost = [e for e in lost if e not in self.placement.leaving]
+            for eid, chunks in self.transport.rescue(set(left)).items():
+                self.ledger.requeue([i for c in chunks for i in c.indices], eid, LEFT)
         if lost:
             self.ledger.res.engine_losses += len(lost)
             node_losses = self._node_losses(lost)
@@ -68,6 +77,20 @@ class Supervisor:
                 self.ledger.engine_died(eid, [c.indices for c in chunks], node_loss=eid in node_losses)
         if new:
             self.transport.attach(new)
+
+    def _follow_leaving(self) -> None:
+        """Engines asked to leave get nothing more (the file is read again only when it changed)."""
+        if self.leaving_file is None:
+            return
+        try:
+            mtime = self.leaving_file.stat().st_mtime
+        except OSError:
+            return
+        if mtime != self._leaving_seen:
+            self._leaving_seen = mtime
+            from ..elastic import read_leaving
+
+            self.placement.leaving = read_leaving(self.leaving_file.parent.parent)
 
     def _node_losses(self, lost: list[int]) -> set[int]:
         """Of ``lost`` (gone at once), the engines that went with another engine of their host: a node loss."""

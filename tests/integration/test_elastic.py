@@ -74,3 +74,42 @@ def test_a_node_that_keeps_killing_engines_is_given_up(ipython_dir):
         assert "given up" in st.stdout, st.stdout
     finally:
         stop_and_check(info)
+
+
+def _nap(x):
+    import time
+
+    time.sleep(0.05)
+    return x
+
+
+def test_add_to_a_running_cluster_and_remove_mid_map_without_loss(ipython_dir):
+    info = cluster.start(profile="grow", engines=2, flags={"launcher": "local"})
+    try:
+        cp = subprocess.run([*IPMTC, "add", "--engines", "2", "--profile", "grow"], capture_output=True, text=True,
+                            timeout=120)
+        assert cp.returncode == 0 and "2 engines added (local" in cp.stdout, cp.stderr
+        rc = ipmtc.connect("grow")
+        try:
+            wait_for(lambda: len(rc.ids) == 4, 30, "4 engines")
+            st = cluster.status("grow")
+            assert st["engines"] == 4 and len(st["origins"]) == 2, st["origins"]
+            # a map in progress; two engines leave while it runs: no loss, no failure, no retry
+            remover = subprocess.Popen([*IPMTC, "remove", "--engines", "2", "--profile", "grow"],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                res = ipmtc.dynamic_map(_nap, range(400), client=rc, progress=False)
+                out, err = remover.communicate(timeout=120)
+            finally:
+                if remover.poll() is None:
+                    remover.kill()
+                    remover.wait()
+            assert remover.returncode == 0 and "left" in out, err
+            s = res.summary()
+            assert sorted(res) == list(range(400))
+            assert (s["failed"], s["retries"], s["crashes"], s["engine_losses"]) == (0, 0, 0, 0), s
+            wait_for(lambda: len(rc.ids) == 2, 30, "2 engines after the removal")
+        finally:
+            rc.close()
+    finally:
+        stop_and_check(info)
