@@ -415,6 +415,8 @@ def _remove_files(pdir: Path) -> None:
     for f in (STATE_FILE, "ipcontroller-client.json", "ipcontroller-engine.json", "cluster-.json",
               "ipmtc-leaving.json"):
         (sec / f).unlink(missing_ok=True)
+    for note in (sec / "engines").glob("*.json*"):  # the engines' notes about themselves
+        note.unlink(missing_ok=True)
 
 
 def _same_process(info: ClusterInfo, pid: int) -> bool:
@@ -481,8 +483,9 @@ def status(profile: str | None = None, *, timeout_s: float = 5.0) -> dict[str, A
     try:
         ids = list(client.ids)
         queues = client.queue_status()
+        info.engines.update({k: v for k, v in engine_notes(Path(info.profile_dir)).items() if k not in info.engines})
         missing = [i for i in ids if str(i) not in info.engines]
-        if missing:  # engines that joined after start (replacements): ask them, briefly
+        if missing:  # engines that joined after start and noted nothing (yet): ask them, briefly
             try:
                 got = client[missing].apply_async(_engine_info).get(timeout=2.0)
                 info.engines.update({str(i): g for i, g in zip(missing, got)})
@@ -521,6 +524,17 @@ def status(profile: str | None = None, *, timeout_s: float = 5.0) -> dict[str, A
                    tasks_done=done, pools=dict(sorted(pools.items())), engine_rows=rows, origins=origins)
     finally:
         client.close()
+    return out
+
+
+def engine_notes(pdir: Path) -> dict[str, dict[str, Any]]:
+    """What each engine noted about itself once registered (``security/engines/<id>.json``): id -> info."""
+    out: dict[str, dict[str, Any]] = {}
+    for note in (pdir / "security" / "engines").glob("*.json"):
+        try:
+            out[note.stem] = json.loads(note.read_text())
+        except (OSError, ValueError):
+            continue
     return out
 
 

@@ -32,6 +32,7 @@ from .errors import ClusterError, NoClusterError, StartupError
 LEAVING_FILE = "ipmtc-leaving.json"
 LEAVE_QUIET_S = 2.0  # an engine asked to leave exits once no chunk came for this long (maps look every 0.1 s)
 ADD_TIMEOUT_S = 300.0
+NOTES_WITHIN_S = 10.0  # a registered engine notes where it runs within a moment (ipmtc.engine)
 
 
 def origin_of(environ: Mapping[str, str]) -> str:
@@ -132,11 +133,13 @@ def _wait_new(engines_cluster: Any, client: Any, before: set[int], n: int, timeo
 def _record(info: cluster.ClusterInfo, client: Any, added: Added) -> None:
     """Note the new engines (where they run, their origin) and processes in the cluster's state file."""
     fresh = cluster.find(info.profile)  # another add may have written it since
-    try:
-        got = client[added.ids].apply_async(cluster._engine_info).get(timeout=30)
-        fresh.engines.update({str(i): g for i, g in zip(added.ids, got)})
-    except Exception:
-        pass
+    # what the new engines noted about themselves (a map may keep them too busy for an apply)
+    deadline = time.monotonic() + NOTES_WITHIN_S
+    notes = cluster.engine_notes(Path(fresh.profile_dir))
+    while not all(str(i) in notes for i in added.ids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        notes = cluster.engine_notes(Path(fresh.profile_dir))
+    fresh.engines.update({str(i): notes[str(i)] for i in added.ids if str(i) in notes})
     fresh.n_engines += len(added.ids)
     fresh.added.append({"origin": added.origin, "host": added.host, "ids": added.ids,
                         "launcher_pids": added.launcher_pids, "pids": added.pids,
@@ -266,6 +269,7 @@ def remove(profile: str | None = None, *, engines: int | None = None, ids: list[
            timeout_s: float = 3600.0) -> list[int]:
     """Drain engines: maps hand them nothing more, each exits after what it holds. Returns their ids."""
     info = cluster.find(profile)
+    info.engines.update(cluster.engine_notes(Path(info.profile_dir)))
     client = cluster.connect(info.profile, wait_for_engines=False)
     try:
         alive = list(client.ids)

@@ -269,6 +269,49 @@ def _private() -> None:
     redact_in_logs([key])
 
 
+ENGINE_NOTES = "engines"  # <profile>/security/engines/<id>.json: where each engine runs, written by itself
+PUBLISH_WITHIN_S = 600.0
+
+
+def _publish_when_registered() -> None:
+    """Once registered, this engine notes its id, node, pool, cores, GPUs and origin in the profile.
+
+    ``ipmtc status``/``remove``/``add`` read the notes instead of asking engines that are busy with a map (an
+    apply would wait behind the map's chunks). A daemon thread that polls for the engine id, then ends.
+    """
+    import threading
+
+    def publish() -> None:
+        import json
+        import time
+
+        from .cluster import _engine_info
+
+        deadline = time.monotonic() + PUBLISH_WITHIN_S
+        while time.monotonic() < deadline:
+            try:
+                engine_id = _ipp.kernel_parts(_ipp.engine_kernel())[1]
+            except Exception:
+                engine_id = None
+            if engine_id is not None:
+                break
+            time.sleep(0.1)
+        else:
+            return
+        folder = os.path.join(os.environ.get("IPP_PROFILE_DIR") or ".", "security", ENGINE_NOTES)
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            path = os.path.join(folder, f"{engine_id}.json")
+            fd = os.open(path + f".{os.getpid()}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(_engine_info(), f)
+            os.replace(path + f".{os.getpid()}", path)
+        except OSError:
+            pass
+
+    threading.Thread(target=publish, name="ipmtc-publish", daemon=True).start()
+
+
 def _restart_limit() -> int:
     try:
         return max(0, int(os.environ.get("IPMTC_ENGINE_RESTART_LIMIT", "0")))
@@ -319,6 +362,7 @@ def main() -> None:
         _own_log(f"local{copy}")
     _bind(copy)
     _ipp.install_nanny_starter(_NannyFork().start_nanny)
+    _publish_when_registered()
     app.main()
 
 
