@@ -359,9 +359,12 @@ def demo(engines, tasks):
 @click.option("--drain-margin-s", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="inside a batch job, start no command that would not end this long before the job does")
 @click.option("--no-progress", is_flag=True, help="no progress bar")
+@click.option("--continue-jobs", type=click.IntRange(min=1), metavar="N",
+              help="inside a batch job: if lines are left undone when the job ends, submit this job script again "
+                   "(after this job; up to N jobs in all) to carry on from the journal")
 @_fail_cleanly
 def run(tasks_file, profile, outdir, retries, walltime_s, max_rss_mb, journal_path, retry_failed, drain_margin_s,
-        no_progress):
+        no_progress, continue_jobs):
     """Run a file of shell commands (one per line) over the cluster's engines.
 
     Blank lines and # comments are skipped. A non-zero exit status is a failure.
@@ -417,6 +420,17 @@ def run(tasks_file, profile, outdir, retries, walltime_s, max_rss_mb, journal_pa
     if jerr is not None:
         click.echo(f"ipmtc: error: {jerr}", err=True)
         sys.exit(1)
+    if continue_jobs and summary["undone"]:
+        from . import campaign
+
+        nxt = campaign.follow_on(summary["undone"], continue_jobs)
+        if nxt is not None:
+            click.echo(f"ipmtc run: {summary['undone']} lines left undone: submitted follow-on job {nxt} "
+                       f"(campaign job {campaign.job_number() + 1} of at most {continue_jobs}); it resumes from "
+                       f"journal {journal_path}")
+            sys.exit(1 if summary["failed"] else 0)
+        click.echo(f"ipmtc run: {summary['undone']} lines left undone and this was campaign job "
+                   f"{campaign.job_number()} of at most {continue_jobs}: no follow-on job", err=True)
     if summary["failed"] or summary["undone"]:
         sys.exit(1)
 
