@@ -177,7 +177,7 @@ def add(nodes, engines_per_node, engines, cores_per_engine, gpus_per_engine, thr
             for value in values:
                 args += [flag, value]
         job = elastic.submit(info.profile, args, nodes=nodes or 1, time_limit=time_limit, partition=partition,
-                             account=account)
+                             account=account, tasks_per_node=engines_per_node)
         click.echo(f"ipmtc: submitted job {job}: it adds engines to cluster {info.profile} when it starts "
                    f"(its output: {info.profile_dir}/log/)")
         return

@@ -182,7 +182,7 @@ def wait_then_leave(added: Added, profile: str, *, drain_timeout_s: float = 60.0
 
 
 def submit(profile: str, add_args: list[str], *, nodes: int = 1, time_limit: str | None = None,
-           partition: str | None = None, account: str | None = None,
+           partition: str | None = None, account: str | None = None, tasks_per_node: int | None = None,
            environ: Mapping[str, str] | None = None) -> str:
     """Write and submit a batch job (Slurm ``sbatch``, else PBS ``qsub``) that runs ``ipmtc add --foreground``
     for ``profile`` on its own nodes; returns its job id. Its output goes to the profile's log/."""
@@ -203,9 +203,11 @@ def submit(profile: str, add_args: list[str], *, nodes: int = 1, time_limit: str
                 f"#SBATCH --output={pdir}/log/ipmtc-add-%j.out", "#SBATCH --signal=B:TERM@60"]
         head += [f"#SBATCH --time={time_limit}"] * bool(time_limit) + [f"#SBATCH --partition={partition}"] * bool(
             partition) + [f"#SBATCH --account={account}"] * bool(account)
+        head += [f"#SBATCH --ntasks-per-node={tasks_per_node}"] * bool(tasks_per_node)
         argv = [sbatch, "--parsable", "--export=ALL"]
     elif qsub:
-        res = f"nodes={nodes}" + (f",walltime={time_limit}" if time_limit else "")
+        res = f"nodes={nodes}" + (f":ppn={tasks_per_node}" if tasks_per_node else "") + (
+            f",walltime={time_limit}" if time_limit else "")
         head = ["#!/bin/bash", "#PBS -N ipmtc-add", f"#PBS -l {res}", f"#PBS -o {pdir}/log/", "#PBS -j oe", "#PBS -V"]
         head += [f"#PBS -q {partition}"] * bool(partition) + [f"#PBS -A {account}"] * bool(account)
         argv = [qsub]

@@ -8,13 +8,17 @@ job's engines join and when one node's engines are told to leave: no step depend
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from .._wait import wait_for
+from .conftest import Job, record
 
 pytestmark = pytest.mark.slurm
 PY = sys.executable
@@ -60,9 +64,22 @@ def test_a_map_grows_onto_a_second_job_and_a_node_drains_mid_map(jobs, slurm, tm
              "the first job's map to start")
     assert Path(f"{out}.started").exists(), job_a.output
     profile = f"ipmtc-{job_a.job_id}"
-    second = tmp_path / "second.sh"
-    second.write_text(f"#!/bin/bash\nexec ipmtc add --profile {profile} --foreground\n")
-    job_b = jobs.submit(["-N", "2", "--ntasks-per-node=4", "-w", "n3,n4"], second, name="grow-b")
+    # one Python per node: each node's engines are forked by one process (srun's task), not started by srun
+    state = _state(ipython_dir, job_a.job_id)
+    parents = {}
+    for e in state["engines"].values():
+        parents.setdefault(e["node"], set()).add(psutil.Process(e["pid"]).ppid())
+    assert {n: len(p) for n, p in parents.items()} == {"n1": 1, "n2": 1}, parents
+    # the second job: written and submitted by `ipmtc add --submit` (the free nodes are n3, n4)
+    sub = subprocess.run([sys.executable, "-m", "ipmtc", "add", "--profile", profile, "--submit", "--nodes", "2",
+                          "--engines-per-node", "4", "--time", "10"], capture_output=True, text=True, timeout=60,
+                         env=slurm.env())
+    assert sub.returncode == 0, sub.stderr
+    m = re.search(r"submitted job (\d+)", sub.stdout)
+    assert m, sub.stdout
+    job_b = Job(job_id=m.group(1), out=ipython_dir / f"profile_{profile}" / "log" / f"ipmtc-add-{m.group(1)}.out",
+                submitted=time.time())
+    jobs.submitted.append(job_b)  # cancelled at the end if the test fails
     wait_for(lambda: _state(ipython_dir, job_a.job_id).get("n_engines") == 16, 150,
              lambda: f"16 engines (first job: {job_a.output[-800:]}; second job: {job_b.output[-800:]})")
     # n4's engines leave while every task still waits on the hold file
@@ -79,3 +96,56 @@ def test_a_map_grows_onto_a_second_job_and_a_node_drains_mid_map(jobs, slurm, tm
     assert (s["failed"], s["retries"], s["crashes"], s["engine_losses"], s["undone"]) == (0, 0, 0, 0, 0), s
     assert {node for _, node in data["results"]} == {"n1", "n2", "n3", "n4"}, "the map did not grow"
     assert "engines added (slurm job" in job_b.output and "left" in job_b.output, job_b.output
+
+
+def test_killed_engines_come_back_until_the_node_is_given_up(jobs, slurm, tmp_path, ipython_dir):
+    """SIGKILL of an engine on n2: its node's forker starts it again; past engine_restarts (1 here) the node
+    is given up (`ipmtc status` says so) and the cluster carries on with the rest."""
+    go = tmp_path / "go"
+    script = tmp_path / "restart.sh"
+    script.write_text("#!/bin/bash\nset -e\nexport IPMTC_PROFILE=ipmtc-$SLURM_JOB_ID\n"
+                      "trap 'ipmtc stop || true' EXIT\nipmtc start --set engine_restarts=1\n"
+                      f"while [ ! -e {go} ]; do sleep 0.2; done\nipmtc status\n")
+    job = jobs.submit(["-N", "2", "--ntasks-per-node=2"], script, name="restart")
+    profile = None
+
+    def engines_on(node: str) -> dict[int, int]:
+        import ipmtc
+
+        rc = ipmtc.connect(profile)
+        try:  # an engine just killed may still be listed: its apply fails or waits; asked again next poll
+            ids = list(rc.ids)
+            here = dict(zip(ids, rc[ids].apply_async(_where).get(timeout=10)))
+        except Exception:
+            return {}
+        finally:
+            rc.close()
+        return {eid: pid for eid, (n, pid) in here.items() if n == node}
+
+    wait_for(lambda: _state(ipython_dir, job.job_id).get("n_engines") == 4 or jobs.poll(job) == "FAILED", 150,
+             lambda: f"4 engines ({job.output[-500:]})")
+    profile = f"ipmtc-{job.job_id}"
+    first = engines_on("n2")
+    assert len(first) == 2, first
+    t0 = time.monotonic()
+    psutil.Process(next(iter(first.values()))).kill()
+    def restarted() -> bool:
+        now = engines_on("n2")
+        return len(now) == 2 and set(now) != set(first)
+
+    wait_for(restarted, 60, "n2's engine restarted")
+    record_s = time.monotonic() - t0
+    second = engines_on("n2")
+    psutil.Process(next(iter(second.values()))).kill()  # the second death on n2: past engine_restarts=1
+    wait_for(lambda: len(engines_on("n2")) == 1, 60, "n2 given up: one engine left there")
+    go.touch()
+    jobs.wait(job, timeout_s=120)
+    assert job.state == "COMPLETED", job.output
+    assert "restarts: 1" in job.output and "given up (engines kept dying): n2" in job.output, job.output
+    record("SIGKILLed engine back (Slurm, n2)", f"{record_s:.1f} s")
+
+
+def _where():
+    import os
+
+    return os.environ.get("SLURMD_NODENAME"), os.getpid()
