@@ -380,8 +380,9 @@ def sleepy_or_held(args):
 
 def test_all_engines_lost_fails_fast(start_cluster, tmp_path):
     """Both engines are SIGKILLed once the journal records a finished task; the rest wait at a gate
-    that never opens (so the map cannot finish first)."""
-    info = start_cluster(2)
+    that never opens (so the map cannot finish first). With restarts off: by default a node's forker
+    starts killed engines again (tests/integration/test_elastic.py), and the map would carry on."""
+    info = start_cluster(2, engine_restarts=0)
     rc = ipmtc.connect(info.profile)
     gate = _Gate(tmp_path)
     journal = tmp_path / "j.db"
