@@ -114,7 +114,7 @@ def test_pools_a_map_with_pool_lands_only_there(started, monkeypatch):
     st = subprocess.run([*IPMTC, "status", "--profile", "pools"], capture_output=True, text=True, timeout=60)
     assert st.returncode == 0, st.stderr
     assert "pool gpu: 1 engines" in st.stdout and f"pool cpu: {len(CPUS) - 1} engines" in st.stdout
-    assert any(line.split()[1:2] == ["gpu"] and line.rstrip().endswith("4,7") for line in st.stdout.splitlines())
+    assert any(line.split()[1:2] == ["gpu"] and "4,7" in line.split() for line in st.stdout.splitlines())
 
 
 def _seen_of(_i):
