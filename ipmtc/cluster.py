@@ -234,6 +234,48 @@ def start(*, preset: str | None = None, flags: Mapping[str, Any] | None = None, 
     pdir = profile_dir(setup.name)
     _refuse_running_or_clean_stale(pdir, setup.name)
     _check_mpi4py(setup.plan)
+    for attempt in range(PORT_RACE_TRIES):
+        try:
+            return _start_once(setup, pdir, t0, on_progress)
+        except _PortRace:
+            # ipyparallel picks free ports, closes them, then binds: another process can take one between
+            # (seen with clusters starting side by side); its task scheduler then dies at once. Start again.
+            if attempt == PORT_RACE_TRIES - 1:
+                raise StartupError(f"the controller's task scheduler could not bind its port {PORT_RACE_TRIES} "
+                                   "times (ports taken by other processes as it started); nothing was left "
+                                   "running; try again, or set controller_ports to a free range") from None
+    raise AssertionError("unreachable")
+
+
+class _PortRace(Exception):
+    """The controller lost a port to another process while starting (its task scheduler died)."""
+
+
+PORT_RACE_TRIES = 3
+SCHEDULER_CHECK_S = 15.0  # a test task through the task scheduler, once every engine registered
+
+
+def _port_race(pdir: Path) -> bool:
+    """Whether the controller's log says one of its processes could not bind its port."""
+    for log in (pdir / "log").glob("ipcontroller-*.log"):
+        try:
+            if "Address already in use" in log.read_text(errors="replace"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _scheduler_answers(client: Any) -> bool:
+    """A no-op through the load-balanced scheduler (a separate process in ipyparallel) comes back."""
+    try:
+        client.load_balanced_view().apply_async(int).get(timeout=SCHEDULER_CHECK_S)
+        return True
+    except Exception:
+        return False
+
+
+def _start_once(setup: Setup, pdir: Path, t0: float, on_progress: Callable[[int, int], None] | None) -> ClusterInfo:
     _write_fresh_profile(setup, pdir)
 
     import ipyparallel as ipp
@@ -247,10 +289,15 @@ def start(*, preset: str | None = None, flags: Mapping[str, Any] | None = None, 
         _start_processes(cluster, setup.plan, int(setup.resolved.preset.engine_restarts))
         client = cluster.connect_client_sync()
         client = _wait_for_registration(cluster, client, setup.plan, deadline, timeout_s, on_progress)
+        if not _scheduler_answers(client):
+            raise StartupError(f"the controller's task scheduler did not answer a test task within "
+                               f"{SCHEDULER_CHECK_S:g} s")
         startup_s = time.monotonic() - t0
         return _record_cluster(cluster, client, setup, pdir, startup_s, timeout_s)
     except BaseException as e:
         tails = _stop_failed_start(cluster, pdir)
+        if isinstance(e, StartupError) and _port_race(pdir):
+            raise _PortRace() from None
         if isinstance(e, StartupError):
             hint = ("hint: raise --timeout-s, check that engines can reach the controller at "
                     f"{setup.plan.controller_location} (preset controller_ip/controller_location), "
