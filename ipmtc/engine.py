@@ -312,6 +312,26 @@ def _publish_when_registered() -> None:
     threading.Thread(target=publish, name="ipmtc-publish", daemon=True).start()
 
 
+# what every engine imports after its registration (measured: 148 modules, ~0.05 s of CPU each, a third
+# of an engine's start-up CPU): imported once here, before the fork, they are shared by every engine
+_SHARED_IMPORTS = ("ipykernel.ipkernel", "ipykernel.zmqshell", "ipykernel.debugger", "IPython.extensions.storemagic",
+                   "sqlite3", "pydoc", "code")
+
+
+def _preimport() -> None:
+    import importlib
+    import threading
+
+    os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # debugpy's import-time warning, once per engine
+    for name in _SHARED_IMPORTS:
+        try:
+            importlib.import_module(name)
+        except Exception:  # an optional part missing: each engine imports what it needs, as before
+            continue
+    if threading.active_count() > 1:  # (no import above starts one; forking a threaded process would be unsafe)
+        print("ipmtc.engine: a thread was started by a shared import", file=sys.stderr, flush=True)
+
+
 def _restart_limit() -> int:
     try:
         return max(0, int(os.environ.get("IPMTC_ENGINE_RESTART_LIMIT", "0")))
@@ -358,6 +378,7 @@ def main() -> None:
 
     copy = None
     if copies:
+        _preimport()
         copy = _fork_copies(copies, _restart_limit())
         _own_log(f"local{copy}")
     _bind(copy)
