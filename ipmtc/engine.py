@@ -36,7 +36,6 @@ import os
 import pickle
 import signal
 import sys
-from typing import NoReturn
 
 from . import _ipp
 
@@ -113,68 +112,24 @@ class _NannyFork:
         return url, self._handle
 
 
-def _wait_all(children: set[int]) -> NoReturn:
-    """Forward TERM/INT/HUP to the children, reap them, and exit with a plain status."""
+def _wait_all(children: dict[int, int], restart_limit: int | None = None) -> int:
+    """Forward TERM/INT/HUP to the children (pid -> copy number), reap them, and exit with a plain status.
 
-    def forward(signum: int, _frame: object) -> None:
-        for pid in list(children):
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
-
-    for sig in _FORWARDED:
-        signal.signal(sig, forward)
-    code = 0
-    while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        if pid in children:
-            children.discard(pid)
-            code = os.waitstatus_to_exitcode(status)
-    os._exit(128 - code if code < 0 else code)
-
-
-def _supervise() -> None:
-    """Fork; the child returns and becomes the engine, this parent waits and exits normally."""
-    child = os.fork()
-    if child == 0:
-        return
-    # The PMI socket belongs to the engine: hydra must see it close when the engine dies.
-    try:
-        os.close(int(os.environ["PMI_FD"]))
-    except (KeyError, ValueError, OSError):
-        pass
-    _wait_all({child})
-
-
-def _fork_copies(n: int, restart_limit: int = 0) -> int:
-    """Fork ``n`` engines and supervise them; returns the copy number in each child, never in this parent.
-
-    An engine that dies by a signal (SIGKILL, an OOM kill, a segfault) while the cluster is not being
-    stopped is forked again with the same number (so the same cores and GPUs), up to ``restart_limit``
-    times for this node's engines in all; past it the node is given up (the survivors keep running).
-    An engine that exits by itself (removed, controller gone) is not restarted. Each restart is noted in
-    ``<profile>/log/ipmtc-restarts-<node>-<pid>.json`` for ``ipmtc status``.
+    A child that dies by a signal while nothing is being stopped is forked again with the same number,
+    up to ``restart_limit`` times in all (None: an MPI rank's supervisor, which restarts nothing): that number
+    is returned in the new child (never in this parent).
+    Past the limit the node is given up (the others keep running). A child that exits by itself (removed,
+    controller gone) is not restarted. Each restart is noted for ``ipmtc status`` (:func:`_note_restarts`).
     """
-    children: dict[int, int] = {}
     parent = os.getpid()
-    for i in range(n):
-        pid = os.fork()
-        if pid == 0:
-            _die_with(parent)
-            return i
-        children[pid] = i
     stopping = False
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        for child in list(children):
+        for pid in list(children):
             try:
-                os.kill(child, signum)
+                os.kill(pid, signum)
             except ProcessLookupError:
                 pass
 
@@ -191,7 +146,7 @@ def _fork_copies(n: int, restart_limit: int = 0) -> int:
         if copy is None:
             continue
         code = os.waitstatus_to_exitcode(status)
-        if code >= 0 or stopping:
+        if code >= 0 or stopping or restart_limit is None:
             continue
         if restarts >= restart_limit:
             _note_restarts(restarts, given_up=True, last_signal=-code)
@@ -207,6 +162,33 @@ def _fork_copies(n: int, restart_limit: int = 0) -> int:
             return copy
         children[child] = copy
     os._exit(128 - code if code < 0 else code)
+
+
+def _supervise() -> None:
+    """Fork; the child returns and becomes the engine, this parent waits and exits normally."""
+    child = os.fork()
+    if child == 0:
+        return
+    # The PMI socket belongs to the engine: hydra must see it close when the engine dies.
+    try:
+        os.close(int(os.environ["PMI_FD"]))
+    except (KeyError, ValueError, OSError):
+        pass
+    _wait_all({child: 0})
+
+
+def _fork_copies(n: int, restart_limit: int = 0) -> int:
+    """Fork ``n`` engines and supervise them (:func:`_wait_all`, which restarts one that died by a signal);
+    returns the copy number in each engine, never in this parent."""
+    children: dict[int, int] = {}
+    parent = os.getpid()
+    for i in range(n):
+        pid = os.fork()
+        if pid == 0:
+            _die_with(parent)
+            return i
+        children[pid] = i
+    return _wait_all(children, restart_limit)
 
 
 def _die_with(parent: int) -> None:

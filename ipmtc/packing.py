@@ -31,7 +31,7 @@ from typing import Any
 
 from .errors import TaskFileError
 from .outcomes import CRASHED, LOST, OK, RAISED, UNDONE, WALLTIME
-from .records import TaskFailure, TaskRecord
+from .records import TaskFailure, TaskRecord, from_stored
 from .slots import Grant, Need, Queue, SlotBook
 
 _PREFIX = re.compile(r"^\[\s*([a-z]+\s*=[^\]]*)\]\s*(.*)$")  # "[ -f x ]" (shell's test) is not a prefix
@@ -369,9 +369,7 @@ class Packer:
 
     def _from_journal(self, index: int, rec: TaskRecord, hit: tuple[Any, dict[str, Any]]) -> None:
         value, stored = hit
-        for k in ("engine_id", "host", "pid", "started", "finished", "attempts", "outcome", "error"):
-            if k in stored:
-                setattr(rec, k, stored[k])
+        from_stored(rec, stored)
         self.res.journal_hits += 1
         if rec.outcome == OK:
             self.res._set(index, value)

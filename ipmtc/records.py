@@ -36,6 +36,16 @@ class TaskRecord:
         return self.finished - self.started
 
 
+STORED_FIELDS = ("engine_id", "host", "pid", "started", "finished", "attempts", "outcome", "error")
+
+
+def from_stored(rec: TaskRecord, stored: dict[str, Any]) -> None:
+    """Fill ``rec`` with what a journal recorded of its task (a hit: it is not run again)."""
+    for k in STORED_FIELDS:
+        if k in stored:
+            setattr(rec, k, stored[k])
+
+
 @dataclass
 class TaskFailure:
     """A task that exhausted its retries: the remote traceback, engine id and host."""

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ..outcomes import ABORTED, CHARGED, CRASHED, LOST, OK, RAISED, STRAGGLER, UNDONE
+from ..records import from_stored
 from ..stats import Tally
 from .crashes import Crashes
 from .options import Options
@@ -167,9 +168,7 @@ class Ledger:
 
     def _from_journal(self, index: int, rec: TaskRecord, hit: tuple[Any, dict[str, Any]]) -> None:
         value, stored = hit
-        for k in ("engine_id", "host", "pid", "started", "finished", "attempts", "outcome", "error"):
-            if k in stored:
-                setattr(rec, k, stored[k])
+        from_stored(rec, stored)
         self.res.journal_hits += 1
         if rec.outcome == OK:
             self._finish(index, value)

@@ -32,8 +32,9 @@ hold, out = sys.argv[1], sys.argv[2]
 def task(args):
     import os, time
     i, hold = args
-    while os.path.exists(hold):
-        time.sleep(0.1)
+    deadline = time.monotonic() + 300  # (the test's own waits fail long before)
+    while os.path.exists(hold) and time.monotonic() < deadline:
+        time.sleep(0.1)  # a polling step of the wait on the hold file
     time.sleep(0.2)
     return i, os.environ.get("SLURMD_NODENAME")
 
@@ -105,7 +106,7 @@ def test_killed_engines_come_back_until_the_node_is_given_up(jobs, slurm, tmp_pa
     script = tmp_path / "restart.sh"
     script.write_text("#!/bin/bash\nset -e\nexport IPMTC_PROFILE=ipmtc-$SLURM_JOB_ID\n"
                       "trap 'ipmtc stop || true' EXIT\nipmtc start --set engine_restarts=1\n"
-                      f"while [ ! -e {go} ]; do sleep 0.2; done\nipmtc status\n")
+                      f"for _ in $(seq 1 1500); do [ -e {go} ] && break; sleep 0.2; done\nipmtc status\n")
     job = jobs.submit(["-N", "2", "--ntasks-per-node=2"], script, name="restart")
     profile = None
 
