@@ -403,6 +403,9 @@ def _pbs_end_time(environ: Mapping[str, str]) -> float | None:
     return None
 
 
+END_TIME_ENV = "IPMTC_JOB_END_TIME"  # epoch seconds or "none": overrides the batch system's answer
+
+
 def job_end_time(environ: Mapping[str, str] | None = None) -> float | None:
     """Epoch seconds when this batch job ends, or None when unknown / not in a job.
 
@@ -413,7 +416,7 @@ def job_end_time(environ: Mapping[str, str] | None = None) -> float | None:
     Never raises for a missing or unreachable batch system (None), never waits more than a few seconds.
     """
     environ = os.environ if environ is None else environ
-    value = environ.get("IPMTC_JOB_END_TIME", "").strip()
+    value = environ.get(END_TIME_ENV, "").strip()
     if value:
         if value.lower() in ("none", "never"):
             return None

@@ -156,10 +156,14 @@ def _engine_info() -> dict[str, Any]:
 
     from ipmtc.resources import engine_resources
 
+    try:  # its batch job's end, as the launching `ipmtc start`/`add` found it (maps drain the engine before it)
+        ends_at: float | None = float(os.environ.get(allocation.END_TIME_ENV, ""))
+    except ValueError:
+        ends_at = None
     return {"host": socket.gethostname(), "pid": os.getpid(),
             "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
             "rank": os.environ.get("PMI_RANK") or os.environ.get("SLURM_PROCID"),
-            "origin": os.environ.get("IPMTC_ORIGIN", "start"), **engine_resources()}
+            "origin": os.environ.get("IPMTC_ORIGIN", "start"), "ends_at": ends_at, **engine_resources()}
 
 
 def _tail(path: str | os.PathLike, n: int = LOG_TAIL_LINES) -> str:
@@ -195,6 +199,7 @@ class Setup:
     alloc: allocation.Allocation
     plan: EnginePlan
     name: str
+    ends_at: float | None = None  # the batch job's end (engines note it; maps drain them before it)
 
 
 def resolve_setup(*, preset: str | None = None, flags: Mapping[str, Any] | None = None, nodes: int | None = None,
@@ -208,7 +213,7 @@ def resolve_setup(*, preset: str | None = None, flags: Mapping[str, Any] | None 
     plan = plan_engines(resolved.preset, alloc, nodes=nodes, engines=engines, gpus_per_node=gpus)
     resolved = presets.concretize(resolved, plan.n_engines)
     name = profile or environ.get("IPMTC_PROFILE") or default_name(alloc)
-    return Setup(resolved, alloc, plan, name)
+    return Setup(resolved, alloc, plan, name, allocation.job_end_time(environ))
 
 
 def create_profile(*, preset: str | None = None, flags: Mapping[str, Any] | None = None,
@@ -286,7 +291,7 @@ def _start_once(setup: Setup, pdir: Path, t0: float, on_progress: Callable[[int,
     deadline = time.monotonic() + timeout_s
     client = None
     try:
-        _start_processes(cluster, setup.plan, int(setup.resolved.preset.engine_restarts))
+        _start_processes(cluster, setup.plan, int(setup.resolved.preset.engine_restarts), setup.ends_at)
         client = cluster.connect_client_sync()
         client = _wait_for_registration(cluster, client, setup.plan, deadline, timeout_s, on_progress)
         if not _scheduler_answers(client):
@@ -341,7 +346,7 @@ def _write_fresh_profile(setup: Setup, pdir: Path) -> None:
         (pdir / "security" / stale).unlink(missing_ok=True)
 
 
-def _start_processes(cluster, plan: EnginePlan, restarts: int = 3) -> None:
+def _start_processes(cluster, plan: EnginePlan, restarts: int = 3, ends_at: float | None = None) -> None:
     """Start the controller, then the engines with the plan's launcher (each in its own session).
 
     Under a 077 umask: the log files ipyparallel's launchers open here, and whatever the processes
@@ -349,21 +354,23 @@ def _start_processes(cluster, plan: EnginePlan, restarts: int = 3) -> None:
     """
     old = os.umask(PRIVATE_UMASK)
     try:
-        _start(cluster, plan, restarts)
+        _start(cluster, plan, restarts, ends_at)
     finally:
         os.umask(old)
 
 
-def _start(cluster, plan: EnginePlan, restarts: int) -> None:
+def _start(cluster, plan: EnginePlan, restarts: int, ends_at: float | None) -> None:
     cluster.start_controller_sync()
-    start_engine_sets(cluster, plan, restarts, machinefile=Path(cluster.profile_dir) / "machinefile")
+    start_engine_sets(cluster, plan, restarts, machinefile=Path(cluster.profile_dir) / "machinefile", ends_at=ends_at)
 
 
 def start_engine_sets(cluster, plan: EnginePlan, restarts: int, *, machinefile: Path,
-                      extra_env: Mapping[str, str] | None = None, mpi_cmd: tuple[str, ...] = ()) -> None:
+                      extra_env: Mapping[str, str] | None = None, mpi_cmd: tuple[str, ...] = (),
+                      ends_at: float | None = None) -> None:
     """Start the plan's engines, pool by pool, through ``cluster``'s launchers (``ipmtc start`` and ``ipmtc add``).
 
-    ``mpi_cmd``: the launcher program where it differs from the profile's (an ``ipmtc add`` elsewhere).
+    ``mpi_cmd``: the launcher program where it differs from the profile's (an ``ipmtc add`` elsewhere);
+    ``ends_at``: the batch job's end, which each engine notes (maps hand it nothing it could not finish).
     """
     # srun starts each engine itself: engines need no MPI wiring, so they skip MPI_Init
     # (ipmtc.engine drops --mpi) and srun sets up no PMI. Measured with the mpich wheel under
@@ -373,7 +380,8 @@ def start_engine_sets(cluster, plan: EnginePlan, restarts: int, *, machinefile: 
     extra: dict[str, Any] = {"mpi_cmd": list(mpi_cmd)} if mpi_cmd and plan.launcher != "local" else {}
     for pool in plan.pools:  # each pool: one launch, its layout in the engines' environment
         env = {**engine_env, **(extra_env or {}), resources.BIND_ENV: pool.env(),
-               "IPMTC_ENGINE_RESTART_LIMIT": str(restarts)}
+               "IPMTC_ENGINE_RESTART_LIMIT": str(restarts),
+               allocation.END_TIME_ENV: "none" if ends_at is None else f"{ends_at:.0f}"}
         if plan.launcher == "local":
             # one process imports ipyparallel once and forks the N engines: N fresh Pythons each
             # importing it were most of the start-up (measured: 6.6 s -> 4.5 s for 8 engines, 2 cores)

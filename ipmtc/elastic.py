@@ -91,7 +91,7 @@ def add(profile: str | None = None, *, engines: int | None = None, nodes: int | 
         try:
             cluster.start_engine_sets(engines_cluster, plan, int(setup.resolved.preset.engine_restarts),
                                       machinefile=machinefile, extra_env={"IPMTC_ORIGIN": origin},
-                                      mpi_cmd=plan.mpi_cmd)
+                                      mpi_cmd=plan.mpi_cmd, ends_at=setup.ends_at)
         finally:
             os.umask(old)
         new = _wait_new(engines_cluster, client, before, plan.n_engines, timeout_s, on_progress)

@@ -255,6 +255,18 @@ ENGINE_NOTES = "engines"  # <profile>/security/engines/<id>.json: where each eng
 PUBLISH_WITHIN_S = 600.0
 
 
+def read_note(folder: os.PathLike | str, engine_id: int) -> dict | None:
+    """What engine ``engine_id`` noted about itself in ``folder`` (None: not yet, or unreadable)."""
+    import json
+
+    try:
+        with open(os.path.join(folder, f"{engine_id}.json")) as f:
+            note = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return note if isinstance(note, dict) else None
+
+
 def _publish_when_registered() -> None:
     """Once registered, this engine notes its id, node, pool, cores, GPUs and origin in the profile.
 
@@ -297,7 +309,13 @@ def _publish_when_registered() -> None:
 # what every engine imports after its registration (measured: 148 modules, ~0.05 s of CPU each, a third
 # of an engine's start-up CPU): imported once here, before the fork, they are shared by every engine
 _SHARED_IMPORTS = ("ipykernel.ipkernel", "ipykernel.zmqshell", "ipykernel.debugger", "IPython.extensions.storemagic",
-                   "sqlite3", "pydoc", "code")
+                   "IPython.core.oinspect", "IPython.core.completerlib", "tornado.platform.asyncio", "sqlite3",
+                   "pydoc", "code", "runpy")
+# ipyparallel's serializer imports numpy in every engine at its first result (its canning map names
+# numpy.ndarray): measured at 256 engines, 8 s of the start-up went to those imports (the state's first apply).
+# Imported here only where the engines' thread pools are single-threaded: OpenBLAS reads its thread count once,
+# at import, and starts its threads then (a fork must not copy a process with threads).
+_SINGLE_THREAD_IMPORTS = ("numpy",)
 
 
 def _preimport() -> None:
@@ -305,13 +323,36 @@ def _preimport() -> None:
     import threading
 
     os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # debugpy's import-time warning, once per engine
-    for name in _SHARED_IMPORTS:
+    single = all(os.environ.get(v) == "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"))
+    for name in _SHARED_IMPORTS + (_SINGLE_THREAD_IMPORTS if single else ()):
         try:
             importlib.import_module(name)
         except Exception:  # an optional part missing: each engine imports what it needs, as before
             continue
-    if threading.active_count() > 1:  # (no import above starts one; forking a threaded process would be unsafe)
+    if threading.active_count() > 1 or _native_threads() > 1:  # (none of the above starts one; checked)
         print("ipmtc.engine: a thread was started by a shared import", file=sys.stderr, flush=True)
+
+
+def _threads_before_fork() -> None:
+    """The engines' thread counts (their pool's layout), set in the forker too: a thread pool imported before the
+    fork (numpy's OpenBLAS) is then sized as each engine would have sized it (each engine sets them again)."""
+    import json
+
+    from .resources import BIND_ENV, THREAD_VARS
+
+    try:
+        threads = int(json.loads(os.environ.get(BIND_ENV) or "{}")["threads_per_engine"])
+    except (ValueError, KeyError, TypeError):
+        return
+    for var in THREAD_VARS:
+        os.environ[var] = str(threads)
+
+
+def _native_threads() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 1
 
 
 def _restart_limit() -> int:
@@ -360,6 +401,7 @@ def main() -> None:
 
     copy = None
     if copies:
+        _threads_before_fork()
         _preimport()
         copy = _fork_copies(copies, _restart_limit())
         _own_log(f"local{copy}")

@@ -13,7 +13,9 @@ burst of all tasks at once.
 
 Inside a batch job, placement also decides when to stop handing out work
 (draining): no task is handed out that would not finish ``drain_margin_s`` before
-the job ends.
+the job ends. The same holds per engine: an engine whose own batch job ends
+earlier (engines ``ipmtc add`` started from another job; each notes its job's end)
+gets nothing that would not finish before that end, while the others carry on.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ TARGET_CHUNK_S = 1.0  # a chunk this long makes per-message cost (~5-10 ms CPU h
 CHANNEL_CHUNK_S = 0.1  # over the channel a chunk costs ~1 ms (both ends): 0.1 s keeps that ~1%
 MAX_CHUNK = 10_000  # bounds message size and the work lost with one engine
 STATIC_WINDOW_PER_ENGINE = 2
+ENDS_CHECK_EVERY_S = 0.5  # whether every engine's job ends too soon: looked at this often, not per chunk
 DYNAMIC_WINDOW_PER_ENGINE = 2  # one running + one waiting on the engine hides the round trip
 
 
@@ -44,6 +47,9 @@ class Placement:
         self.draining = False
         self.exclusive: set[int] = set()  # engines running a task under crash suspicion: nothing else goes there
         self.leaving: set[int] = set()  # engines `ipmtc remove` drains: nothing more goes there
+        self.ends: dict[int, float] = {}  # engine -> epoch its batch job ends (an added job's engines, say)
+        self.holding: set[int] = set()  # engines that joined mid-map, kept out until their end is known
+        self._ends_checked = 0.0
 
     # ------------------------------------------------------------ the engines
 
@@ -107,8 +113,9 @@ class Placement:
         window = self.window(pending)
         n_eng = len(self.engines)
         order = [self.engines[(self.rot + k) % n_eng] for k in range(n_eng)]
+        now = time.time()
         room = [e for e in order if self.load.get(e, 0) < window and e != exclude and e not in self.exclusive
-                and e not in self.leaving]
+                and e not in self.leaving and e not in self.holding and not self.closing(e, now)]
         if not self.static:
             room.sort(key=lambda e: self.load.get(e, 0))  # stable: rotation breaks ties
         return room
@@ -135,11 +142,26 @@ class Placement:
             size = min(size, remaining / (4 * n_eng))
         return max(1, min(MAX_CHUNK, int(size)))
 
-    def should_drain(self) -> bool:
-        """Whether to hand out nothing more: the allocation ends before another task could finish."""
-        if self.opts.drain_at is None:
+    def closing(self, engine: int, now: float) -> bool:
+        """Whether ``engine``'s batch job ends before one more task placed there (behind what it holds) would
+        finish ``drain_margin_s`` early: the per-engine form of draining, for engines of jobs ending before the
+        map's own allocation (``ipmtc add`` from another job)."""
+        end = self.ends.get(engine)
+        if end is None:
             return False
+        return now + (self.load.get(engine, 0) + 1) * self.times.median() + self.opts.drain_margin_s > end
+
+    def should_drain(self) -> bool:
+        """Whether to hand out nothing more: the allocation ends before another task could finish (the map's own
+        ``drain_at``, or every engine's job: each one's end known and too near)."""
         if not self.draining:
-            if time.time() + self.times.median() + self.opts.drain_margin_s > self.opts.drain_at:
+            now = time.time()
+            if self.opts.drain_at is not None and now + self.times.median() + self.opts.drain_margin_s > \
+                    self.opts.drain_at:
                 self.draining = True
+            elif self.ends and now - self._ends_checked >= ENDS_CHECK_EVERY_S:
+                self._ends_checked = now
+                cut = now + self.times.median() + self.opts.drain_margin_s
+                self.draining = bool(self.engines) and all(cut > self.ends.get(e, cut) for e in self.engines) \
+                    and all(e in self.ends for e in self.engines)
         return self.draining

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..engine import ENGINE_NOTES, read_note
 from ..errors import ControllerLostError, EnginesLostError
 from ..outcomes import LEFT, LOST
 from .hubwatch import LOST_AFTER_S, HubWatch
@@ -32,6 +33,7 @@ from .placement import Placement
 from .transport import Transport
 
 NO_ENGINE_GRACE_S = 3.0
+NOTE_WAIT_S = 10.0  # how long an engine that joined mid-map waits for its note (where it runs, its job's end)
 SUPERVISE_EVERY_S = 0.1
 
 
@@ -43,11 +45,16 @@ class Supervisor:
         self.placement, self.ledger, self.transport = placement, ledger, transport
         self.leaving_file = leaving_file  # `ipmtc remove` names the engines that leave (drain) there
         self._leaving_seen: float | None = None
+        # each engine notes its batch job's end beside it (ipmtc.engine): engines of a job that ends before the
+        # map's allocation get no task they could not finish (Placement.closing)
+        self.notes_dir = leaving_file.parent / ENGINE_NOTES if leaving_file is not None else None
+        self._unnoted: dict[int, float] = {}  # engine -> until when its note is looked for
         self.fast_abort = fast_abort
         self.hub = hub
         self.controller_lost = False
         self._last = 0.0
         self._no_engine_since: float | None = None
+        self._note_engines(placement.engines, hold=False)  # the map's first engines serve at once
 
     def due(self) -> bool:
         """Whether it is time to look again (at most every :data:`SUPERVISE_EVERY_S`)."""
@@ -77,6 +84,34 @@ class Supervisor:
                 self.ledger.engine_died(eid, [c.indices for c in chunks], node_loss=eid in node_losses)
         if new:
             self.transport.attach(new)
+        for e in lost + left:
+            self._unnoted.pop(e, None)
+            self.placement.holding.discard(e)
+        self._note_engines(new, hold=True)
+
+    def _note_engines(self, engines: list[int], *, hold: bool) -> None:
+        """Read the notes of ``engines`` and of those still unnoted; ``hold``: keep these out until noted.
+
+        Engines that joined mid-map wait for their note (written within a moment of registering), so an engine of
+        a job about to end gets nothing first; an engine that writes none (not started by ipmtc) serves after
+        :data:`NOTE_WAIT_S`.
+        """
+        if self.notes_dir is None:
+            return
+        now = time.monotonic()
+        for e in engines:
+            self._unnoted[e] = now + NOTE_WAIT_S
+            if hold:
+                self.placement.holding.add(e)
+        for e, until in list(self._unnoted.items()):
+            note = read_note(self.notes_dir, e)
+            if note is None and now < until:
+                continue
+            end = (note or {}).get("ends_at")
+            if isinstance(end, (int, float)):
+                self.placement.ends[e] = float(end)
+            del self._unnoted[e]
+            self.placement.holding.discard(e)
 
     def _follow_leaving(self) -> None:
         """Engines asked to leave get nothing more (the file is read again only when it changed)."""

@@ -113,3 +113,49 @@ def test_add_to_a_running_cluster_and_remove_mid_map_without_loss(ipython_dir):
             rc.close()
     finally:
         stop_and_check(info)
+
+
+def _pid_after(x: float) -> int:
+    import os
+    import time
+
+    time.sleep(x)
+    return os.getpid()
+
+
+def test_engines_of_a_job_ending_soon_get_no_task_others_carry_on(ipython_dir):
+    """Each engine notes its job's end; a map gives an engine nothing it could not finish ``drain_margin_s``
+    before that end (the per-engine drain), while the engines of longer jobs carry on; a map left with only such
+    engines ends with the rest undone, as at its own job's end."""
+    import time
+
+    info = cluster.start(profile="ends", engines=2, flags={"launcher": "local"})
+    try:
+        def add(ends_at: float) -> None:
+            env = {**os.environ, "IPMTC_JOB_END_TIME": f"{ends_at:.0f}"}
+            cp = subprocess.run([*IPMTC, "add", "--engines", "1", "--profile", "ends"], capture_output=True,
+                                text=True, timeout=120, env=env)
+            assert cp.returncode == 0, cp.stderr
+
+        add(time.time() + 3600)  # a job with an hour left: serves
+        add(time.time() + 10)  # a job ending within the 30 s drain margin: serves nothing
+        rc = ipmtc.connect("ends")
+        try:
+            wait_for(lambda: len(rc.ids) == 4, 30, "4 engines")
+            notes = cluster.engine_notes(Path(info.profile_dir))
+            ending = [int(i) for i, n in notes.items() if n.get("ends_at") and n["ends_at"] < time.time() + 60]
+            hour = [int(i) for i, n in notes.items() if n.get("ends_at") and n["ends_at"] > time.time() + 600]
+            assert len(ending) == 1 and len(hour) == 1, notes
+            pids = _pids(rc)
+            res = ipmtc.dynamic_map(_pid_after, [0.01] * 200, client=rc, progress=False)
+            s = res.summary()
+            assert res.ok and (s["failed"], s["retries"], s["engine_losses"]) == (0, 0, 0), s
+            used = set(res)
+            assert pids[ending[0]] not in used, "the engine whose job ends soon got a task"
+            assert pids[hour[0]] in used and len(used) == 3, (used, pids)
+            only_ending = ipmtc.dynamic_map(_pid_after, [0.01] * 5, client=rc[ending], progress=False)
+            assert not only_ending.ok and len(only_ending.undone) == 5 and not only_ending.failed
+        finally:
+            rc.close()
+    finally:
+        stop_and_check(info)

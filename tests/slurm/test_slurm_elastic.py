@@ -146,6 +146,92 @@ def test_killed_engines_come_back_until_the_node_is_given_up(jobs, slurm, tmp_pa
     record("SIGKILLed engine back (Slurm, n2)", f"{record_s:.1f} s")
 
 
+ENDING_DRIVER = """
+import json, os, sys, time
+import ipmtc
+
+done, out = sys.argv[1], sys.argv[2]
+
+def task(i):
+    import os, time
+    t0 = time.time()
+    time.sleep(1.0)
+    return i, os.environ.get("SLURMD_NODENAME"), t0, time.time()
+
+def inputs():  # tasks keep coming until the test says (a file): the map outlives the second job
+    i = 0
+    while not os.path.exists(done):
+        yield i
+        i += 1
+
+open(out + ".started", "w").close()
+stream = ipmtc.imap(task, inputs(), progress=False, chunksize=1, drain_margin_s=150)
+results = [r if isinstance(r, tuple) else str(r) for r in stream]
+json.dump({"summary": stream.summary(), "results": results}, open(out, "w"))
+"""
+
+
+def test_an_added_job_near_its_walltime_drains_while_the_first_job_carries_on(jobs, slurm, tmp_path, ipython_dir):
+    """A second job (`ipmtc add --submit --time 3`) joins a running map. Its engines note their job's end, and the
+    map hands them nothing that would not finish 150 s (its drain margin here) before it -- at the latest
+    ~30 s into the job, before Slurm's walltime warning (SIGTERM 60 s before the end, sent up to 60 s early)
+    could come; at that warning they leave. The job completes, no task is killed by the walltime (no loss,
+    failure, retry or crash), and the first job's engines carry on with the map."""
+    done, out = tmp_path / "done", tmp_path / "map.json"
+    driver = tmp_path / "driver.py"
+    driver.write_text(ENDING_DRIVER)
+    first = tmp_path / "first.sh"
+    first.write_text("#!/bin/bash\nset -e\nexport IPMTC_PROFILE=ipmtc-$SLURM_JOB_ID\n"
+                     "trap 'ipmtc stop || true' EXIT\nipmtc start\n"
+                     f"{PY} {driver} {done} {out}\n")
+    job_a = jobs.submit(["-N", "2", "--ntasks-per-node=4", "-w", "n1,n2"], first, name="ending-a")
+    wait_for(lambda: Path(f"{out}.started").exists() or jobs.poll(job_a) in ("FAILED", "COMPLETED"), 150,
+             "the first job's map to start")
+    assert Path(f"{out}.started").exists(), job_a.output
+    profile = f"ipmtc-{job_a.job_id}"
+    sub = subprocess.run([sys.executable, "-m", "ipmtc", "add", "--profile", profile, "--submit", "--nodes", "2",
+                          "--engines-per-node", "4", "--time", "3"], capture_output=True, text=True, timeout=60,
+                         env=slurm.env())
+    assert sub.returncode == 0, sub.stderr
+    m = re.search(r"submitted job (\d+)", sub.stdout)
+    assert m, sub.stdout
+    job_b = Job(job_id=m.group(1), out=ipython_dir / f"profile_{profile}" / "log" / f"ipmtc-add-{m.group(1)}.out",
+                submitted=time.time())
+    jobs.submitted.append(job_b)
+    notes_dir = ipython_dir / f"profile_{profile}" / "security" / "engines"
+
+    def b_notes() -> list[dict]:
+        notes = []
+        for p in notes_dir.glob("*.json"):
+            try:
+                notes.append(json.loads(p.read_text()))
+            except (OSError, ValueError):
+                continue
+        return [n for n in notes if n.get("node") in ("n3", "n4")]
+
+    wait_for(lambda: len(b_notes()) == 8 or jobs.poll(job_b) not in ("PENDING", "RUNNING"), 150,
+             lambda: f"the second job's 8 engines ({job_b.output[-800:]})")
+    ends = {n.get("ends_at") for n in b_notes()}
+    assert len(ends) == 1 and None not in ends, ends
+    b_end = float(ends.pop())
+    jobs.wait(job_b, timeout_s=300)  # its walltime (3 min) ends it at the latest
+    b_done = time.time()
+    assert job_b.state == "COMPLETED", (job_b.state, job_b.output)
+    done.touch()  # (tasks already on the first job's engines run on past b_done: each takes 1 s)
+    jobs.wait(job_a, timeout_s=120)
+    assert job_a.state == "COMPLETED", job_a.output
+    data = json.loads(out.read_text())
+    s = data["summary"]
+    assert (s["failed"], s["retries"], s["crashes"], s["engine_losses"], s["undone"]) == (0, 0, 0, 0, 0), s
+    on_b = [r for r in data["results"] if r[1] in ("n3", "n4")]
+    assert {r[1] for r in data["results"]} == {"n1", "n2", "n3", "n4"}, "the map did not grow onto the second job"
+    # the per-engine drain, not the walltime warning, ended their work (the warning comes 60-120 s before the end)
+    assert max(start for _, _, start, _ in on_b) < b_end - 125, (b_end, max(r[2] for r in on_b))
+    assert max(end for _, _, _, end in on_b) <= b_done
+    assert max(end for _, node, _, end in data["results"] if node in ("n1", "n2")) > b_done, "first job stopped"
+    assert "left" in job_b.output, job_b.output
+
+
 def _where():
     import os
 
