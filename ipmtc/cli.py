@@ -186,7 +186,8 @@ def add(nodes, engines_per_node, engines, cores_per_engine, gpus_per_engine, thr
         click.echo(f"engines {done}/{total} added", err=True)
 
     added = elastic.add(profile, engines=engines, nodes=nodes, preset=preset, flags=flags, on_progress=progress)
-    click.echo(f"ipmtc: {len(added.ids)} engines added ({added.origin}): ids {added.ids[0]}..{added.ids[-1]}")
+    n = len(added.ids)
+    click.echo(f"ipmtc: {n} engine{'s' * (n != 1)} added ({added.origin}): ids {added.ids[0]}..{added.ids[-1]}")
     if foreground:
         click.echo("  in the foreground; SIGTERM or Ctrl-C drains and stops them", err=True)
         elastic.wait_then_leave(added, _cluster.find(profile).profile)

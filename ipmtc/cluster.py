@@ -9,13 +9,14 @@ the cluster again. Stopping is by PID and process group (TERM -> wait -> KILL).
 """
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from .launch import EnginePlan, asks_gpus, engine_cmd, plan_engines
 from .profile import default_name, ipython_dir, profile_dir, write_profile
 
 STATE_FILE = "ipmtc-cluster.json"
+STATE_LOCK = "ipmtc-state.lock"
+STATE_LOCK_WAIT_S = 30.0
 HUB_RECHECK_S = 2.0  # start-up: how often the hub's own engine count is compared with the client's
 LOG_TAIL_LINES = 15
 
@@ -68,6 +71,40 @@ class ClusterInfo:
     def attach_hint(self) -> str:
         return (f"attach: ipmtc.connect(profile={self.profile!r})  or  "
                 f"ipyparallel.Client(profile={self.profile!r})")
+
+
+@contextlib.contextmanager
+def state_lock(pdir: str | os.PathLike) -> Iterator[None]:
+    """Hold the profile's state lock: read-modify-writes of the state and leaving files by several ipmtc
+    processes at once (``ipmtc add`` from two jobs, a ``remove`` beside them) must not lose each other's
+    changes. A POSIX record lock (``lockf``), which NFS and Lustre carry across nodes."""
+    import fcntl
+
+    fd = os.open(Path(pdir) / "security" / STATE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + STATE_LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"another ipmtc process has held {Path(pdir) / 'security' / STATE_LOCK} for "
+                                       f"{STATE_LOCK_WAIT_S:g} s; try again (or remove it if none runs)") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
+
+
+@contextlib.contextmanager
+def updating(profile: str) -> Iterator[ClusterInfo]:
+    """The cluster's state, fresh from its file under the state lock, saved when the block ends normally."""
+    pdir = profile_dir(profile)
+    with state_lock(pdir):
+        info = find(profile)
+        yield info
+        info.save()
 
 
 # ---------------------------------------------------------------- finding clusters
@@ -468,7 +505,7 @@ def _stop_failed_start(cluster, pdir: Path) -> str:
 def _remove_files(pdir: Path) -> None:
     sec = pdir / "security"
     for f in (STATE_FILE, "ipcontroller-client.json", "ipcontroller-engine.json", "cluster-.json",
-              "ipmtc-leaving.json"):
+              "ipmtc-leaving.json", STATE_LOCK):
         (sec / f).unlink(missing_ok=True)
     for note in (sec / "engines").glob("*.json*"):  # the engines' notes about themselves
         note.unlink(missing_ok=True)
@@ -544,7 +581,8 @@ def status(profile: str | None = None, *, timeout_s: float = 5.0) -> dict[str, A
             try:
                 got = client[missing].apply_async(_engine_info).get(timeout=2.0)
                 info.engines.update({str(i): g for i, g in zip(missing, got)})
-                info.save()
+                with updating(info.profile) as fresh:
+                    fresh.engines.update({str(i): g for i, g in zip(missing, got)})
             except Exception:  # busy engines do not answer now; shown as unknown
                 pass
         per_host: dict[str, int] = {}

@@ -132,19 +132,18 @@ def _wait_new(engines_cluster: Any, client: Any, before: set[int], n: int, timeo
 
 def _record(info: cluster.ClusterInfo, client: Any, added: Added) -> None:
     """Note the new engines (where they run, their origin) and processes in the cluster's state file."""
-    fresh = cluster.find(info.profile)  # another add may have written it since
     # what the new engines noted about themselves (a map may keep them too busy for an apply)
     deadline = time.monotonic() + NOTES_WITHIN_S
-    notes = cluster.engine_notes(Path(fresh.profile_dir))
+    notes = cluster.engine_notes(Path(info.profile_dir))
     while not all(str(i) in notes for i in added.ids) and time.monotonic() < deadline:
         time.sleep(0.1)
-        notes = cluster.engine_notes(Path(fresh.profile_dir))
-    fresh.engines.update({str(i): notes[str(i)] for i in added.ids if str(i) in notes})
-    fresh.n_engines += len(added.ids)
-    fresh.added.append({"origin": added.origin, "host": added.host, "ids": added.ids,
-                        "launcher_pids": added.launcher_pids, "pids": added.pids,
-                        "pid_times": {str(p): t for p in added.pids if (t := _proc.start_time(p))}})
-    fresh.save()
+        notes = cluster.engine_notes(Path(info.profile_dir))
+    with cluster.updating(info.profile) as fresh:  # another add may write it at the same time
+        fresh.engines.update({str(i): notes[str(i)] for i in added.ids if str(i) in notes})
+        fresh.n_engines += len(added.ids)
+        fresh.added.append({"origin": added.origin, "host": added.host, "ids": added.ids,
+                            "launcher_pids": added.launcher_pids, "pids": added.pids,
+                            "pid_times": {str(p): t for p in added.pids if (t := _proc.start_time(p))}})
 
 
 def stop_added(added: Added, info: cluster.ClusterInfo | None = None, *, drain: bool = True,
@@ -276,8 +275,9 @@ def remove(profile: str | None = None, *, engines: int | None = None, ids: list[
     try:
         alive = list(client.ids)
         targets = select(info, alive, engines=engines, ids=ids, host=host, job=job)
-        leaving = (read_leaving(info.profile_dir) & set(alive)) | set(targets)
-        write_private(leaving_path(info.profile_dir), json.dumps({"ids": sorted(leaving), "at": time.time()}))
+        with cluster.state_lock(info.profile_dir):  # a remove beside this one: neither list is lost
+            leaving = (read_leaving(info.profile_dir) & set(alive)) | set(targets)
+            write_private(leaving_path(info.profile_dir), json.dumps({"ids": sorted(leaving), "at": time.time()}))
         client[targets].apply_async(_Leave(), LEAVE_QUIET_S)
         if wait:
             deadline = time.monotonic() + timeout_s
@@ -286,9 +286,8 @@ def remove(profile: str | None = None, *, engines: int | None = None, ids: list[
                     raise ClusterError(f"engines {sorted(set(targets) & set(client.ids))} did not leave within "
                                        f"{timeout_s:g} s (still running a long task?); `ipmtc stop` ends them all")
                 time.sleep(0.1)
-            fresh = cluster.find(info.profile)
-            fresh.n_engines = max(0, fresh.n_engines - len(targets))
-            fresh.save()
+            with cluster.updating(info.profile) as fresh:
+                fresh.n_engines = max(0, fresh.n_engines - len(targets))
         return targets
     finally:
         client.close()

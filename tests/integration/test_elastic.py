@@ -86,9 +86,14 @@ def _nap(x):
 def test_add_to_a_running_cluster_and_remove_mid_map_without_loss(ipython_dir):
     info = cluster.start(profile="grow", engines=2, flags={"launcher": "local"})
     try:
-        cp = subprocess.run([*IPMTC, "add", "--engines", "2", "--profile", "grow"], capture_output=True, text=True,
-                            timeout=120)
-        assert cp.returncode == 0 and "2 engines added (local" in cp.stdout, cp.stderr
+        # two adds at once (two jobs' scripts, say): neither's record in the state file is lost
+        adders = [subprocess.Popen([*IPMTC, "add", "--engines", "1", "--profile", "grow"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        for a in adders:
+            out, err = a.communicate(timeout=120)
+            assert a.returncode == 0 and "1 engine added (local" in out, (out, err)
+        state = cluster.find("grow")
+        assert state.n_engines == 4 and len(state.added) == 2, (state.n_engines, state.added)
         rc = ipmtc.connect("grow")
         try:
             wait_for(lambda: len(rc.ids) == 4, 30, "4 engines")
