@@ -21,10 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-BENCHMARKS = ["startup", "throughput", "weak_scaling", "faults", "model", "memory", "security", "packing"]
+BENCHMARKS = ["startup", "throughput", "weak_scaling", "faults", "model", "memory", "security", "packing", "scale"]
 PNGS = {"startup": ["startup.png"], "throughput": ["throughput.png"],
         "weak_scaling": ["weak_scaling.png", "weak_scaling_timeline_static.png", "weak_scaling_timeline_dynamic.png"],
-        "faults": ["faults.png"], "model": ["model.png"], "memory": [], "security": [], "packing": []}
+        "faults": ["faults.png"], "model": ["model.png"], "memory": [], "security": [], "packing": [], "scale": []}
 
 
 def main(argv=None) -> int:

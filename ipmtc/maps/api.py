@@ -4,7 +4,7 @@ from __future__ import annotations
 import numbers
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import JournalError, MapError
@@ -198,11 +198,14 @@ def _prepare(schedule: Schedule, fn: Callable, items: Any, a: MapArgs,
     rc, engines = _client_and_views(a.client)
     if not rc.ids:
         raise MapError("the cluster has no engines; start some with `ipmtc start` and try again")
+    whole = engines is None  # the whole cluster, not a view: engines that join later may take part
     if a.pool is not None:
         engines = _pool_engines(rc, a.pool, engines)
     jr = None if a.journal is None else _open_journal(a.journal, fn, a.retry_failed)
     try:
         spec, opts = _settings(schedule, fn, a, jr, stream)
+        if a.pool is not None and whole:
+            opts = replace(opts, pool=a.pool)
     except BaseException:
         if jr is not None and jr is not a.journal:
             jr.close()

@@ -43,14 +43,15 @@ class Dispatcher:
 
     def __init__(self, client: Any, spec: MapSpec, source: Iterator[tuple[int, Any]], n_total: int | None,
                  opts: Options, *, engines: list[int] | None = None):
-        only = set(engines) if engines is not None else None  # a view: its engines, no others
+        pdir = _ipp.profile_dir_of(client)
+        # a view: its engines, no others; a pool's map joins that pool's newcomers (known from their notes)
+        only = set(engines) if engines is not None and (opts.pool is None or not pdir) else None
         engines = list(engines if engines is not None else client.ids)
         self.bar = Progress(opts.progress, n_total, f"ipmtc {opts.schedule}")
         self.done_q: queue.SimpleQueue[str] = queue.SimpleQueue()  # msg ids of answered chunks
         self.ledger = Ledger(source, n_total, opts, len(engines), self.bar)
         self.placement = Placement(opts, engines, n_total, self.ledger.times, only)
         self.transport = Transport(client, spec, self.done_q.put)
-        pdir = _ipp.profile_dir_of(client)
         self.supervisor = Supervisor(self.placement, self.ledger, self.transport, opts.fast_abort,
                                      HubWatch.for_client(client),
                                      Path(pdir) / "security" / "ipmtc-leaving.json" if pdir else None)

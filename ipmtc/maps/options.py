@@ -30,6 +30,7 @@ class Options:
     key: Callable[[Any], str] | None = None  # the journal's task key (None without a journal)
     crash_limit: int = 3  # engines a task may take down before it fails as EngineCrashes
     stream: bool = False  # imap: results go to the caller as they come, nothing of a finished task is kept
+    pool: str | None = None  # a map over one pool of the whole cluster: that pool's engines may join mid-map
 
     @property
     def static(self) -> bool:

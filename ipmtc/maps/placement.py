@@ -68,6 +68,13 @@ class Placement:
             self.engines += new
         return lost, new
 
+    def drop(self, engine: int) -> None:
+        """``engine`` takes no part in this map (a newcomer of another pool); it holds nothing yet."""
+        if engine in self.engines:
+            self.engines.remove(engine)
+        self.load.pop(engine, None)
+        self.holding.discard(engine)
+
     def placed(self, target: int, alone: bool = False) -> None:
         """A chunk went to ``target``; ``alone``: a suspect's, which has the engine to itself until answered."""
         self.load[target] = self.load.get(target, 0) + 1

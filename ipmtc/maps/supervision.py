@@ -107,10 +107,14 @@ class Supervisor:
             note = read_note(self.notes_dir, e)
             if note is None and now < until:
                 continue
+            del self._unnoted[e]
+            pool = self.placement.opts.pool
+            if pool is not None and e in self.placement.holding and (note or {}).get("pool") != pool:
+                self.placement.drop(e)  # a newcomer of another pool (or of none we know): not this map's
+                continue
             end = (note or {}).get("ends_at")
             if isinstance(end, (int, float)):
                 self.placement.ends[e] = float(end)
-            del self._unnoted[e]
             self.placement.holding.discard(e)
 
     def _follow_leaving(self) -> None:

@@ -1,6 +1,6 @@
 """The benchmark scripts run end to end at --smoke size: each writes its Markdown table and PNG.
 
-No timing is asserted. The five scripts run at the same time (most of their time is spent waiting for
+No timing is asserted. The scripts run at the same time (most of their time is spent waiting for
 engines to register), each under a TMPDIR of this test, so that its private IPYTHONDIR can be checked
 afterwards: no process started under it may be left running.
 """
@@ -28,6 +28,7 @@ OUTPUTS = {
     "model": ["model.md", "model.png"],
     "memory": ["memory.md", "memory.json"],
     "security": ["security.md", "security.json"],
+    "scale": ["scale.md", "scale.json"],
 }
 
 

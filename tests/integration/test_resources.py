@@ -121,6 +121,55 @@ def _seen_of(_i):
     return _seen()
 
 
+def _held(args):
+    """A task that notes its engine's pid in ``marks``, then waits while ``hold`` exists (polled)."""
+    import os
+    import time
+
+    hold, marks = args
+    open(os.path.join(marks, str(os.getpid())), "w").close()
+    deadline = time.monotonic() + 120  # (the test's own waits fail long before)
+    while os.path.exists(hold) and time.monotonic() < deadline:
+        time.sleep(0.05)  # a polling step of the wait on the hold file
+    return os.getpid()
+
+
+def test_a_pool_map_takes_in_engines_of_its_pool_that_join_and_no_others(started, monkeypatch, tmp_path):
+    import threading
+
+    from .._wait import wait_for
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,7")
+    info = started("poolgrow", pools=["gpu:gpus-per-engine=2,engines-per-node=1", "cpu:cores-per-engine=1"])
+    hold, marks = tmp_path / "hold", tmp_path / "marks"
+    hold.touch()
+    marks.mkdir()
+    rc = ipmtc.connect(info.profile)
+    got: dict[str, object] = {}
+    mapper = threading.Thread(target=lambda: got.update(res=ipmtc.dynamic_map(
+        _held, [(str(hold), str(marks))] * 8, client=rc, pool="gpu", progress=False)))
+    mapper.start()
+    try:
+        wait_for(lambda: len(list(marks.iterdir())) == 1, 60, "the gpu engine's first task")
+        first = {p.name for p in marks.iterdir()}
+        for pool in ("gpu:gpus-per-engine=2,engines-per-node=1", "cpu:cores-per-engine=1,engines-per-node=1"):
+            cp = subprocess.run([*IPMTC, "add", "--pool", pool, "--profile", "poolgrow"], capture_output=True,
+                                text=True, timeout=120)
+            assert cp.returncode == 0, cp.stderr
+        notes = cluster.engine_notes(cluster.profile_dir("poolgrow"))
+        added = {n["pool"]: str(n["pid"]) for n in notes.values() if n.get("origin") != "start"}
+        assert set(added) == {"gpu", "cpu"}, notes
+        wait_for(lambda: added["gpu"] in {p.name for p in marks.iterdir()}, 60, "the added gpu engine's task")
+    finally:
+        hold.unlink()
+        mapper.join(120)
+        rc.close()
+    res = got["res"]
+    pids = {str(p) for p in res}
+    assert pids == first | {added["gpu"]}, (pids, first, added)  # never the added cpu engine
+    assert res.ok
+
+
 @pytest.mark.parametrize("args, env, message", [
     (["--gpus-per-engine", "1"], {}, "1 GPU(s) per engine asked, but this machine"),
     (["--cores-per-engine", str(len(CPUS) + 1)], {}, f"has {len(CPUS)} cores in all; ask for at most {len(CPUS)}"),

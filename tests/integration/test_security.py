@@ -202,7 +202,7 @@ def test_another_user_reads_nothing_and_gets_no_reply(secure_cluster, other_user
         try:
             assert p.stdout.readline().strip() == "READY", p.stderr.read()
             ipmtc.dynamic_map(_mark, range(8), client=rc, progress=False)  # output and results flow now
-            rc[:].apply_sync(_mark, 99)
+            rc[:].apply_async(_mark, 99).get(timeout=60)  # (bounded: a hang here once, seen with hmac)
             out, err = p.communicate("go\n", timeout=120)
         finally:
             if p.poll() is None:
