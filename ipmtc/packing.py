@@ -27,10 +27,13 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from . import _ipp
+from .elastic import LEAVING_FILE, read_leaving
 from .errors import TaskFileError
-from .outcomes import CRASHED, LOST, OK, RAISED, UNDONE, WALLTIME
+from .outcomes import CRASHED, LEFT, LOST, OK, RAISED, UNDONE, WALLTIME
 from .records import TaskFailure, TaskRecord, from_stored
 from .slots import Grant, Need, Queue, SlotBook
 
@@ -204,6 +207,12 @@ class Packer:
         self.running: dict[Any, tuple[int, Grant, float]] = {}  # AsyncResult -> (index, grant, sent)
         self.durations: dict[int, list[float]] = {}  # width -> durations seen (drain estimates)
         self.lost: dict[int, int] = {}  # line index -> lead engines that died under it
+        # `ipmtc remove` names engines that leave: their slots go (a line on them runs to its end), and a line
+        # whose engine left under it runs again, uncharged
+        pdir = _ipp.profile_dir_of(rc)
+        self.leaving_file = Path(pdir) / "security" / LEAVING_FILE if pdir else None
+        self._leaving_seen: float | None = None
+        self.left: set[int] = set()
         from .maps.progress import Progress
 
         self.bar = Progress(progress, None, "commands")
@@ -285,7 +294,8 @@ class Packer:
             except Exception:  # the lead engine left since the last look: its slot goes, the line waits again
                 self.book.give_back(grant)
                 self.places.pop(grant.lead, None)
-                self.book.remove(grant.lead)
+                if grant.lead not in self.left:
+                    self.book.remove(grant.lead)
                 self._again(index, "its engines were lost")
                 continue
             self.running[ar] = (index, grant, rec.submitted)
@@ -312,6 +322,11 @@ class Packer:
         try:
             value = ar.get(0)
         except Exception as e:
+            if (type(e).__name__ == "EngineError" or getattr(e, "ename", "") == "EngineError") and \
+                    self.left & set(grant.all_slots):  # an engine removed under it: not a loss, runs again
+                rec.history.append((grant.lead, place.get("node"), None, None, LEFT))
+                self._again(index, "its engines left")
+                return
             if type(e).__name__ == "EngineError" or getattr(e, "ename", "") == "EngineError":
                 self.lost[index] = self.lost.get(index, 0) + 1
                 rec.history.append((grant.lead, place.get("node"), None, None, LOST))
@@ -361,11 +376,29 @@ class Packer:
         gone = [eid for eid in self.places if eid not in alive]
         for eid in gone:
             self.places.pop(eid)
-            self.book.remove(eid)
-        if gone:
+            if eid not in self.left:
+                self.book.remove(eid)
+        if self._follow_leaving() or gone:
             for index, why in self.queue.pop_impossible():
                 self._failed(index, CRASHED, "EnginesLost",
                              f"line {self.lines[index].n}: engines were lost, and {why}", "")
+
+    def _follow_leaving(self) -> bool:
+        """Engines `ipmtc remove` named give up their slots (read when the file changed); whether any did."""
+        if self.leaving_file is None:
+            return False
+        try:
+            mtime = self.leaving_file.stat().st_mtime
+        except OSError:
+            return False
+        if mtime == self._leaving_seen:
+            return False
+        self._leaving_seen = mtime
+        now = (read_leaving(self.leaving_file.parent.parent) & set(self.places)) - self.left
+        for eid in now:
+            self.book.remove(eid)
+        self.left |= now
+        return bool(now)
 
     def _from_journal(self, index: int, rec: TaskRecord, hit: tuple[Any, dict[str, Any]]) -> None:
         value, stored = hit

@@ -122,3 +122,38 @@ def test_shell_test_bracket_is_not_a_prefix():
     assert parse_line(1, "[ -f x ] && echo y").need == Need()
     assert parse_line(1, "[ranks=4, nodes=2] ./a").need == Need(ranks=4, nodes=2)
     json.dumps(parse_line(1, "[cores=3] b").need.__dict__)
+
+
+def test_engines_removed_mid_run_give_up_their_slots_without_loss(two_core_cluster, tmp_path):
+    """`ipmtc remove` during a packed run: the removed engine's slot is granted no more, the line it holds
+    runs to its end (or again elsewhere, uncharged, should its answer go with the engine), the others carry
+    on on the engine left: every line ok, none failed, retried or charged a crash."""
+    import threading
+    import time
+
+    from ipmtc import elastic
+
+    from .._wait import wait_for
+
+    hold, marks = tmp_path / "hold", tmp_path / "marks"
+    hold.touch()
+    marks.mkdir()
+    gated = f"touch {marks}/$$; while [ -e {hold} ]; do sleep 0.05; done; echo done"
+    lines = [f"[cores=2] {PY} -c \"print('wide')\""] + [gated] * 6
+    got: dict = {}
+    runner = threading.Thread(target=lambda: got.update(res=run_commands(
+        lines, client=None, outdir=tmp_path / "out", progress=False)))
+    runner.start()
+    try:
+        wait_for(lambda: len(list(marks.iterdir())) == 2, 60, "two gated lines running, one per engine")
+        left = elastic.remove(two_core_cluster.profile, engines=1, wait=False)
+        removed_at = time.time()
+        assert len(left) == 1
+    finally:
+        hold.unlink()
+        runner.join(180)
+    res = got["res"]
+    assert [r.outcome for r in res.records] == ["ok"] * 7, res.failed
+    assert all(r.attempts == 1 and not r.crashes for r in res.records)
+    late = [r for r in res.records if r.started and r.started > removed_at]
+    assert len(late) >= 4 and all(r.engine_id != left[0] for r in late), [(r.index, r.engine_id) for r in late]
