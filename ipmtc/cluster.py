@@ -200,7 +200,8 @@ def _engine_info() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(),
             "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
             "rank": os.environ.get("PMI_RANK") or os.environ.get("SLURM_PROCID"),
-            "origin": os.environ.get("IPMTC_ORIGIN", "start"), "ends_at": ends_at, **engine_resources()}
+            "origin": os.environ.get("IPMTC_ORIGIN", "start"), "ends_at": ends_at,
+            "tag": os.environ.get("IPMTC_ADD_TAG", ""), **engine_resources()}
 
 
 def _tail(path: str | os.PathLike, n: int = LOG_TAIL_LINES) -> str:

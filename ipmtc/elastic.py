@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +31,7 @@ from ._private import PRIVATE_UMASK, write_private
 from .errors import ClusterError, NoClusterError, StartupError
 
 LEAVING_FILE = "ipmtc-leaving.json"
+ADD_TAG_ENV = "IPMTC_ADD_TAG"  # which `ipmtc add` started an engine (its notes say so)
 LEAVE_QUIET_S = 2.0  # an engine asked to leave exits once no chunk came for this long (maps look every 0.1 s)
 ADD_TIMEOUT_S = 300.0
 NOTES_WITHIN_S = 10.0  # a registered engine notes where it runs within a moment (ipmtc.engine)
@@ -82,7 +84,7 @@ def add(profile: str | None = None, *, engines: int | None = None, nodes: int | 
     if plan.machinefile_lines:
         write_private(machinefile, "\n".join(plan.machinefile_lines) + "\n")
     client = cluster.connect(info.profile, wait_for_engines=False)
-    before = set(client.ids)
+    tag = uuid.uuid4().hex[:12]  # this add's engines note it: another add beside this one must not count them
     engines_cluster = ipp.Cluster(profile_dir=str(pdir), cluster_id="", shutdown_atexit=False, log_level=30,
                                   engine_launcher_class="local" if plan.launcher == "local" else "mpi")
     timeout_s = float(timeout_s or setup.resolved.preset.start_timeout_s or ADD_TIMEOUT_S)
@@ -90,11 +92,11 @@ def add(profile: str | None = None, *, engines: int | None = None, nodes: int | 
         old = os.umask(PRIVATE_UMASK)
         try:
             cluster.start_engine_sets(engines_cluster, plan, int(setup.resolved.preset.engine_restarts),
-                                      machinefile=machinefile, extra_env={"IPMTC_ORIGIN": origin},
+                                      machinefile=machinefile, extra_env={"IPMTC_ORIGIN": origin, ADD_TAG_ENV: tag},
                                       mpi_cmd=plan.mpi_cmd, ends_at=setup.ends_at)
         finally:
             os.umask(old)
-        new = _wait_new(engines_cluster, client, before, plan.n_engines, timeout_s, on_progress)
+        new = _wait_new(engines_cluster, client, pdir, tag, plan.n_engines, timeout_s, on_progress)
         launchers = _ipp.launcher_pids(engines_cluster)
         pids = sorted({p for lp in launchers for p in _proc.process_tree(lp)})
         added = Added(origin, new, socket.gethostname(), launchers, pids)
@@ -110,12 +112,16 @@ def add(profile: str | None = None, *, engines: int | None = None, nodes: int | 
         client.close()
 
 
-def _wait_new(engines_cluster: Any, client: Any, before: set[int], n: int, timeout_s: float,
+def _wait_new(engines_cluster: Any, client: Any, pdir: Path, tag: str, n: int, timeout_s: float,
               on_progress: Callable[[int, int], None] | None) -> list[int]:
+    """Wait until ``n`` engines of this add registered: those whose notes carry ``tag`` (an engine notes itself
+    within a moment of registering), and that the controller lists."""
     deadline = time.monotonic() + timeout_s
     last = -1
     while True:
-        new = sorted(set(client.ids) - before)
+        ids = set(client.ids)
+        new = sorted(int(i) for i, note in cluster.engine_notes(pdir).items() if note.get("tag") == tag
+                     and i.isdigit() and int(i) in ids)
         if len(new) != last and on_progress:
             on_progress(len(new), n)
         last = len(new)
