@@ -282,10 +282,10 @@ def main(argv=None) -> int:
             try:
                 results["raw"][E] = run_raw(E, task_times(E, mean, args.seed), reps, ipd, settle_s, 20 * E,
                                             args.stop_timeout_s)
+                print(f"raw E={E}: {results['raw'][E]}", file=sys.stderr, flush=True)
             except Exception as e:  # said in the table: the raw baseline did not finish at this size
                 skipped[E] = f"raw did not finish: {type(e).__name__}: {str(e)[:120]}"
                 C.kill_leftovers(ipd)
-            print(f"raw E={E}: {results['raw'][E]}", file=sys.stderr, flush=True)
     finally:
         C.kill_leftovers(ipd)
     ceiling = {E: efficiency(task_times(E, mean, args.seed), E, list_schedule(task_times(E, mean, args.seed), E))

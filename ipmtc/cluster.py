@@ -10,6 +10,7 @@ the cluster again. Stopping is by PID and process group (TERM -> wait -> KILL).
 from __future__ import annotations
 
 import contextlib
+import errno
 import getpass
 import json
 import os
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _ipp, _proc, allocation, presets, resources
+from . import _ipp, _proc, allocation, notes, presets, resources
 from ._private import PRIVATE_UMASK, write_private
 from .errors import ClusterError, ClusterRunningError, LauncherNotFoundError, NoClusterError, StartupError
 from .launch import EnginePlan, asks_gpus, engine_cmd, plan_engines
@@ -30,6 +31,7 @@ from .profile import default_name, ipython_dir, profile_dir, write_profile
 STATE_FILE = "ipmtc-cluster.json"
 STATE_LOCK = "ipmtc-state.lock"
 STATE_LOCK_WAIT_S = 30.0
+ADD_TAG_ENV = "IPMTC_ADD_TAG"  # which `ipmtc add` started an engine (its note says so)
 HUB_RECHECK_S = 2.0  # start-up: how often the hub's own engine count is compared with the client's
 LOG_TAIL_LINES = 15
 
@@ -66,6 +68,10 @@ class ClusterInfo:
 
     @property
     def running(self) -> bool:
+        """Whether the controller runs: its process, on its own host; seen from another host (an ``ipmtc add`` in
+        another job's node), whether its connection file is still there (``stop`` removes it)."""
+        if self.hostname and self.hostname != socket.gethostname():
+            return (self.state_path.parent / "ipcontroller-client.json").exists()
         return _proc.alive(self.controller_pid)
 
     def attach_hint(self) -> str:
@@ -87,7 +93,9 @@ def state_lock(pdir: str | os.PathLike) -> Iterator[None]:
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
-            except OSError:
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):  # no locks on this file system at all: go on
+                    break
                 if time.monotonic() > deadline:
                     raise ClusterError(f"another ipmtc process has held {Path(pdir) / 'security' / STATE_LOCK} for "
                                        f"{STATE_LOCK_WAIT_S:g} s; try again (or remove it if none runs)") from None
@@ -201,7 +209,7 @@ def _engine_info() -> dict[str, Any]:
             "node": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
             "rank": os.environ.get("PMI_RANK") or os.environ.get("SLURM_PROCID"),
             "origin": os.environ.get("IPMTC_ORIGIN", "start"), "ends_at": ends_at,
-            "tag": os.environ.get("IPMTC_ADD_TAG", ""), **engine_resources()}
+            "tag": os.environ.get(ADD_TAG_ENV, ""), **engine_resources()}
 
 
 def _tail(path: str | os.PathLike, n: int = LOG_TAIL_LINES) -> str:
@@ -506,9 +514,9 @@ def _stop_failed_start(cluster, pdir: Path) -> str:
 def _remove_files(pdir: Path) -> None:
     sec = pdir / "security"
     for f in (STATE_FILE, "ipcontroller-client.json", "ipcontroller-engine.json", "cluster-.json",
-              "ipmtc-leaving.json", STATE_LOCK):
+              notes.LEAVING_FILE, STATE_LOCK):
         (sec / f).unlink(missing_ok=True)
-    for note in (sec / "engines").glob("*.json*"):  # the engines' notes about themselves
+    for note in notes.notes_dir(pdir).glob("*.json*"):  # the engines' notes about themselves
         note.unlink(missing_ok=True)
 
 
@@ -623,13 +631,7 @@ def status(profile: str | None = None, *, timeout_s: float = 5.0) -> dict[str, A
 
 def engine_notes(pdir: Path) -> dict[str, dict[str, Any]]:
     """What each engine noted about itself once registered (``security/engines/<id>.json``): id -> info."""
-    out: dict[str, dict[str, Any]] = {}
-    for note in (pdir / "security" / "engines").glob("*.json"):
-        try:
-            out[note.stem] = json.loads(note.read_text())
-        except (OSError, ValueError):
-            continue
-    return out
+    return notes.read_notes(pdir)
 
 
 def _restarts(pdir: Path) -> tuple[int, list[str]]:

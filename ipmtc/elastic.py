@@ -29,12 +29,10 @@ from typing import Any
 from . import _ipp, _proc, cluster
 from ._private import PRIVATE_UMASK, write_private
 from .errors import ClusterError, NoClusterError, StartupError
+from .notes import LEAVING_FILE, leaving_path, read_leaving  # noqa: F401 (LEAVING_FILE: the file's name, for users)
 
-LEAVING_FILE = "ipmtc-leaving.json"
-ADD_TAG_ENV = "IPMTC_ADD_TAG"  # which `ipmtc add` started an engine (its notes say so)
 LEAVE_QUIET_S = 2.0  # an engine asked to leave exits once no chunk came for this long (maps look every 0.1 s)
 ADD_TIMEOUT_S = 300.0
-NOTES_WITHIN_S = 10.0  # a registered engine notes where it runs within a moment (ipmtc.engine)
 
 
 def origin_of(environ: Mapping[str, str]) -> str:
@@ -85,15 +83,17 @@ def add(profile: str | None = None, *, engines: int | None = None, nodes: int | 
         write_private(machinefile, "\n".join(plan.machinefile_lines) + "\n")
     client = cluster.connect(info.profile, wait_for_engines=False)
     tag = uuid.uuid4().hex[:12]  # this add's engines note it: another add beside this one must not count them
-    engines_cluster = ipp.Cluster(profile_dir=str(pdir), cluster_id="", shutdown_atexit=False, log_level=30,
+    # (no cluster file of its own: it would replace, then remove, the one ipyparallel keeps for the cluster)
+    engines_cluster = ipp.Cluster(profile_dir=str(pdir), cluster_id="", cluster_file="", shutdown_atexit=False,
+                                  log_level=30,
                                   engine_launcher_class="local" if plan.launcher == "local" else "mpi")
     timeout_s = float(timeout_s or setup.resolved.preset.start_timeout_s or ADD_TIMEOUT_S)
     try:
         old = os.umask(PRIVATE_UMASK)
         try:
             cluster.start_engine_sets(engines_cluster, plan, int(setup.resolved.preset.engine_restarts),
-                                      machinefile=machinefile, extra_env={"IPMTC_ORIGIN": origin, ADD_TAG_ENV: tag},
-                                      mpi_cmd=plan.mpi_cmd, ends_at=setup.ends_at)
+                                      machinefile=machinefile, mpi_cmd=plan.mpi_cmd, ends_at=setup.ends_at,
+                                      extra_env={"IPMTC_ORIGIN": origin, cluster.ADD_TAG_ENV: tag})
         finally:
             os.umask(old)
         new = _wait_new(engines_cluster, client, pdir, tag, plan.n_engines, timeout_s, on_progress)
@@ -138,12 +138,9 @@ def _wait_new(engines_cluster: Any, client: Any, pdir: Path, tag: str, n: int, t
 
 def _record(info: cluster.ClusterInfo, client: Any, added: Added) -> None:
     """Note the new engines (where they run, their origin) and processes in the cluster's state file."""
-    # what the new engines noted about themselves (a map may keep them too busy for an apply)
-    deadline = time.monotonic() + NOTES_WITHIN_S
+    # what the new engines noted about themselves (a map may keep them too busy for an apply; _wait_new counted
+    # only engines whose notes it read)
     notes = cluster.engine_notes(Path(info.profile_dir))
-    while not all(str(i) in notes for i in added.ids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-        notes = cluster.engine_notes(Path(info.profile_dir))
     with cluster.updating(info.profile) as fresh:  # another add may write it at the same time
         fresh.engines.update({str(i): notes[str(i)] for i in added.ids if str(i) in notes})
         fresh.n_engines += len(added.ids)
@@ -229,18 +226,6 @@ def submit(profile: str, add_args: list[str], *, nodes: int = 1, time_limit: str
 
 
 # ---------------------------------------------------------------- leave
-
-
-def leaving_path(profile_dir: str | os.PathLike) -> Path:
-    return Path(profile_dir) / "security" / LEAVING_FILE
-
-
-def read_leaving(profile_dir: str | os.PathLike) -> set[int]:
-    """Engine ids asked to leave (empty when none, or the file cannot be read)."""
-    try:
-        return {int(i) for i in json.loads(leaving_path(profile_dir).read_text()).get("ids", [])}
-    except (OSError, ValueError, TypeError, AttributeError):
-        return set()
 
 
 def select(info: cluster.ClusterInfo, alive: list[int], *, engines: int | None = None, ids: list[int] | None = None,

@@ -211,7 +211,10 @@ def _note_restarts(restarts: int, *, given_up: bool, last_signal: int) -> None:
 
     node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     log_dir = os.path.join(os.environ.get("IPP_PROFILE_DIR") or ".", "log")
-    pool = os.environ.get("IPMTC_POOL_NAME", "")
+    try:  # the pool's layout names it
+        pool = str(json.loads(os.environ.get("IPMTC_ENGINE_BIND") or "{}").get("name", ""))
+    except (ValueError, AttributeError):
+        pool = ""
     path = os.path.join(log_dir, f"ipmtc-restarts-{node}-{os.getpid()}.json")
     try:
         tmp = path + ".tmp"
@@ -251,20 +254,7 @@ def _private() -> None:
     redact_in_logs([key])
 
 
-ENGINE_NOTES = "engines"  # <profile>/security/engines/<id>.json: where each engine runs, written by itself
 PUBLISH_WITHIN_S = 600.0
-
-
-def read_note(folder: os.PathLike | str, engine_id: int) -> dict | None:
-    """What engine ``engine_id`` noted about itself in ``folder`` (None: not yet, or unreadable)."""
-    import json
-
-    try:
-        with open(os.path.join(folder, f"{engine_id}.json")) as f:
-            note = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return note if isinstance(note, dict) else None
 
 
 def _publish_when_registered() -> None:
@@ -292,7 +282,9 @@ def _publish_when_registered() -> None:
             time.sleep(0.1)
         else:
             return
-        folder = os.path.join(os.environ.get("IPP_PROFILE_DIR") or ".", "security", ENGINE_NOTES)
+        from .notes import notes_dir
+
+        folder = notes_dir(os.environ.get("IPP_PROFILE_DIR") or ".")
         try:
             os.makedirs(folder, mode=0o700, exist_ok=True)
             path = os.path.join(folder, f"{engine_id}.json")

@@ -27,12 +27,11 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from . import _ipp
-from .elastic import LEAVING_FILE, read_leaving
 from .errors import TaskFileError
+from .notes import LeavingWatch
 from .outcomes import CRASHED, LEFT, LOST, OK, RAISED, UNDONE, WALLTIME
 from .records import TaskFailure, TaskRecord, from_stored
 from .slots import Grant, Need, Queue, SlotBook
@@ -210,8 +209,7 @@ class Packer:
         # `ipmtc remove` names engines that leave: their slots go (a line on them runs to its end), and a line
         # whose engine left under it runs again, uncharged
         pdir = _ipp.profile_dir_of(rc)
-        self.leaving_file = Path(pdir) / "security" / LEAVING_FILE if pdir else None
-        self._leaving_seen: float | None = None
+        self.leaving = LeavingWatch(pdir) if pdir else None
         self.left: set[int] = set()
         from .maps.progress import Progress
 
@@ -385,16 +383,10 @@ class Packer:
 
     def _follow_leaving(self) -> bool:
         """Engines `ipmtc remove` named give up their slots (read when the file changed); whether any did."""
-        if self.leaving_file is None:
+        leaving = self.leaving.changed() if self.leaving is not None else None
+        if leaving is None:
             return False
-        try:
-            mtime = self.leaving_file.stat().st_mtime
-        except OSError:
-            return False
-        if mtime == self._leaving_seen:
-            return False
-        self._leaving_seen = mtime
-        now = (read_leaving(self.leaving_file.parent.parent) & set(self.places)) - self.left
+        now = (leaving & set(self.places)) - self.left
         for eid in now:
             self.book.remove(eid)
         self.left |= now

@@ -53,8 +53,7 @@ class Dispatcher:
         self.placement = Placement(opts, engines, n_total, self.ledger.times, only)
         self.transport = Transport(client, spec, self.done_q.put)
         self.supervisor = Supervisor(self.placement, self.ledger, self.transport, opts.fast_abort,
-                                     HubWatch.for_client(client),
-                                     Path(pdir) / "security" / "ipmtc-leaving.json" if pdir else None)
+                                     HubWatch.for_client(client), Path(pdir) if pdir else None)
         self.journal = opts.journal
 
     def run(self) -> MapResult:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 from .ledger import TaskTimes
 from .options import Options
@@ -120,16 +121,27 @@ class Placement:
         window = self.window(pending)
         n_eng = len(self.engines)
         order = [self.engines[(self.rot + k) % n_eng] for k in range(n_eng)]
-        now = time.time()
+        eligible = self._eligible()
         room = [e for e in order if self.load.get(e, 0) < window and e != exclude and e not in self.exclusive
-                and e not in self.leaving and e not in self.holding and not self.closing(e, now)]
+                and eligible(e)]
         if not self.static:
             room.sort(key=lambda e: self.load.get(e, 0))  # stable: rotation breaks ties
         return room
 
+    def _eligible(self) -> Callable[[int], bool]:
+        """Whether an engine may take more of this map now: not leaving, not held for its note, its job not
+        ending too soon (the median and the time taken once, not per engine)."""
+        now, median = time.time(), self.times.median() if self.ends else 0.0
+
+        def eligible(e: int) -> bool:
+            return e not in self.leaving and e not in self.holding and not self.closing(e, now, median)
+
+        return eligible
+
     def rerun_targets(self, exclude: int | None, pending: int | None) -> list[int]:
-        """Where a straggler's second copy may go: engines with room first, any other engine else."""
-        return self.candidates(pending, exclude=exclude) or [e for e in self.engines if e != exclude]
+        """Where a straggler's second copy may go: engines with room first, any other eligible engine else."""
+        eligible = self._eligible()
+        return self.candidates(pending, exclude=exclude) or [e for e in self.engines if e != exclude and eligible(e)]
 
     def chunk_size(self, remaining: int | None, listening: bool) -> int:
         """Tasks in the next chunk; ``remaining``: tasks not finished, ``listening``: the channel is in use."""
@@ -149,14 +161,14 @@ class Placement:
             size = min(size, remaining / (4 * n_eng))
         return max(1, min(MAX_CHUNK, int(size)))
 
-    def closing(self, engine: int, now: float) -> bool:
+    def closing(self, engine: int, now: float, median: float) -> bool:
         """Whether ``engine``'s batch job ends before one more task placed there (behind what it holds) would
         finish ``drain_margin_s`` early: the per-engine form of draining, for engines of jobs ending before the
         map's own allocation (``ipmtc add`` from another job)."""
         end = self.ends.get(engine)
         if end is None:
             return False
-        return now + (self.load.get(engine, 0) + 1) * self.times.median() + self.opts.drain_margin_s > end
+        return now + (self.load.get(engine, 0) + 1) * median + self.opts.drain_margin_s > end
 
     def should_drain(self) -> bool:
         """Whether to hand out nothing more: the allocation ends before another task could finish (the map's own
@@ -169,6 +181,6 @@ class Placement:
             elif self.ends and now - self._ends_checked >= ENDS_CHECK_EVERY_S:
                 self._ends_checked = now
                 cut = now + self.times.median() + self.opts.drain_margin_s
-                self.draining = bool(self.engines) and all(cut > self.ends.get(e, cut) for e in self.engines) \
-                    and all(e in self.ends for e in self.engines)
+                self.draining = bool(self.engines) and all(e in self.ends and cut > self.ends[e]
+                                                           for e in self.engines)
         return self.draining

@@ -24,8 +24,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..engine import ENGINE_NOTES, read_note
 from ..errors import ControllerLostError, EnginesLostError
+from ..notes import LeavingWatch, read_note
 from ..outcomes import LEFT, LOST
 from .hubwatch import LOST_AFTER_S, HubWatch
 from .ledger import Ledger
@@ -41,13 +41,12 @@ class Supervisor:
     """Engine liveness, lost-engine rescue, straggler aborts and giving up, for one map."""
 
     def __init__(self, placement: Placement, ledger: Ledger, transport: Transport, fast_abort: float | None,
-                 hub: HubWatch | None = None, leaving_file: Path | None = None):
+                 hub: HubWatch | None = None, profile_dir: Path | None = None):
         self.placement, self.ledger, self.transport = placement, ledger, transport
-        self.leaving_file = leaving_file  # `ipmtc remove` names the engines that leave (drain) there
-        self._leaving_seen: float | None = None
-        # each engine notes its batch job's end beside it (ipmtc.engine): engines of a job that ends before the
-        # map's allocation get no task they could not finish (Placement.closing)
-        self.notes_dir = leaving_file.parent / ENGINE_NOTES if leaving_file is not None else None
+        # `ipmtc remove` names the engines that leave (drain) in the profile; each engine notes there where it
+        # runs and its batch job's end (engines of a job ending before the map's get nothing they could not finish)
+        self.profile_dir = profile_dir
+        self.leaving = LeavingWatch(profile_dir) if profile_dir is not None else None
         self._unnoted: dict[int, float] = {}  # engine -> until when its note is looked for
         self.fast_abort = fast_abort
         self.hub = hub
@@ -96,7 +95,7 @@ class Supervisor:
         a job about to end gets nothing first; an engine that writes none (not started by ipmtc) serves after
         :data:`NOTE_WAIT_S`.
         """
-        if self.notes_dir is None:
+        if self.profile_dir is None:
             return
         now = time.monotonic()
         for e in engines:
@@ -104,7 +103,7 @@ class Supervisor:
             if hold:
                 self.placement.holding.add(e)
         for e, until in list(self._unnoted.items()):
-            note = read_note(self.notes_dir, e)
+            note = read_note(self.profile_dir, e)
             if note is None and now < until:
                 continue
             del self._unnoted[e]
@@ -119,17 +118,9 @@ class Supervisor:
 
     def _follow_leaving(self) -> None:
         """Engines asked to leave get nothing more (the file is read again only when it changed)."""
-        if self.leaving_file is None:
-            return
-        try:
-            mtime = self.leaving_file.stat().st_mtime
-        except OSError:
-            return
-        if mtime != self._leaving_seen:
-            self._leaving_seen = mtime
-            from ..elastic import read_leaving
-
-            self.placement.leaving = read_leaving(self.leaving_file.parent.parent)
+        leaving = self.leaving.changed() if self.leaving is not None else None
+        if leaving is not None:
+            self.placement.leaving = leaving
 
     def _node_losses(self, lost: list[int]) -> set[int]:
         """Of ``lost`` (gone at once), the engines that went with another engine of their host: a node loss."""

@@ -18,6 +18,7 @@ from ipmtc.errors import TaskFileError
 from ipmtc.packing import parse_line
 from ipmtc.slots import Need
 
+from .._spans import overlapping
 from ..conftest import stop_and_check, wait_all_dead
 
 IPMTC = [sys.executable, "-m", "ipmtc"]
@@ -42,14 +43,8 @@ def two_core_cluster():
 
 def _overlaps(records) -> list:
     """Pairs of attempts that held one engine slot at the same time."""
-    spans = []
-    for r in records:
-        if r.started is None or r.finished is None:
-            continue
-        for e in (r.slots or (r.engine_id,)):
-            spans.append((e, r.started, r.finished, r.index))
-    spans.sort()
-    return [(a, b) for a, b in zip(spans, spans[1:]) if a[0] == b[0] and b[1] < a[2] - 1e-6]
+    return overlapping((e, r.started, r.finished, r.index) for r in records
+                       if r.started is not None and r.finished is not None for e in (r.slots or (r.engine_id,)))
 
 
 def test_mixed_file_cores_mpi_failure_walltime(two_core_cluster, tmp_path):
@@ -138,7 +133,8 @@ def test_engines_removed_mid_run_give_up_their_slots_without_loss(two_core_clust
     hold, marks = tmp_path / "hold", tmp_path / "marks"
     hold.touch()
     marks.mkdir()
-    gated = f"touch {marks}/$$; while [ -e {hold} ]; do sleep 0.05; done; echo done"
+    # waits while the hold file exists, polled, with a deadline (2400 x 0.05 s) far beyond the test's own waits
+    gated = f"touch {marks}/$$; for _ in $(seq 1 2400); do [ -e {hold} ] || break; sleep 0.05; done; echo done"
     lines = [f"[cores=2] {PY} -c \"print('wide')\""] + [gated] * 6
     got: dict = {}
     runner = threading.Thread(target=lambda: got.update(res=run_commands(

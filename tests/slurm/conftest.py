@@ -101,8 +101,8 @@ def slurm() -> Iterator[SlurmCluster]:
                     pytrace=False)
     base = Path(tempfile.mkdtemp(prefix="ipmtc-slurm-", dir="/tmp"))  # short: slurmd puts sockets under it
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "IPMTC_"))}
-    env.update(IPMTC_SLURM_BASE=str(base), IPMTC_SLURM_NODES=str(NODES), IPMTC_SLURM_CPUS=str(CPUS), IPMTC_SLURM_GPUS=str(GPUS),
-               IPMTC_SLURM_MIN_JOB_AGE=str(MIN_JOB_AGE))
+    env.update(IPMTC_SLURM_BASE=str(base), IPMTC_SLURM_NODES=str(NODES), IPMTC_SLURM_CPUS=str(CPUS),
+               IPMTC_SLURM_GPUS=str(GPUS), IPMTC_SLURM_MIN_JOB_AGE=str(MIN_JOB_AGE))
     t0 = time.monotonic()
     try:
         cp = _harness("start-slurm.sh", env, timeout_s=START_TIMEOUT_S)

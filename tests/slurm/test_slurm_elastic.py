@@ -17,6 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ipmtc.cluster import engine_notes
+
 from .._wait import wait_for
 from .conftest import Job, record
 
@@ -50,37 +52,47 @@ def _state(ipython_dir: Path, job_id: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _map_job(jobs, tmp_path: Path, driver_cmd: str, out: Path, name: str) -> tuple[Job, str]:
+    """A 2-node job (n1, n2) that starts a cluster and runs ``driver_cmd``; returns once its map started."""
+    first = tmp_path / "first.sh"
+    first.write_text("#!/bin/bash\nset -e\nexport IPMTC_PROFILE=ipmtc-$SLURM_JOB_ID\n"
+                     "trap 'ipmtc stop || true' EXIT\nipmtc start\n"
+                     f"{driver_cmd}\n")
+    job = jobs.submit(["-N", "2", "--ntasks-per-node=4", "-w", "n1,n2"], first, name=name)
+    wait_for(lambda: Path(f"{out}.started").exists() or jobs.poll(job) in ("FAILED", "COMPLETED"), 150,
+             "the first job's map to start")
+    assert Path(f"{out}.started").exists(), job.output
+    return job, f"ipmtc-{job.job_id}"
+
+
+def _add_job(jobs, slurm, ipython_dir: Path, profile: str, time_limit: str) -> Job:
+    """The second job: 2 nodes (the free ones, n3 and n4) written and submitted by `ipmtc add --submit`."""
+    sub = subprocess.run([sys.executable, "-m", "ipmtc", "add", "--profile", profile, "--submit", "--nodes", "2",
+                          "--engines-per-node", "4", "--time", time_limit], capture_output=True, text=True,
+                         timeout=60, env=slurm.env())
+    assert sub.returncode == 0, sub.stderr
+    m = re.search(r"submitted job (\d+)", sub.stdout)
+    assert m, sub.stdout
+    job = Job(job_id=m.group(1), out=ipython_dir / f"profile_{profile}" / "log" / f"ipmtc-add-{m.group(1)}.out",
+              submitted=time.time())
+    jobs.submitted.append(job)  # cancelled at the end if the test fails
+    return job
+
+
 def test_a_map_grows_onto_a_second_job_and_a_node_drains_mid_map(jobs, slurm, tmp_path, ipython_dir):
     hold, out = tmp_path / "hold", tmp_path / "map.json"
     hold.touch()
     driver = tmp_path / "driver.py"
     driver.write_text(f"hold = {str(hold)!r}\n" + DRIVER.replace("hold, out = sys.argv[1], sys.argv[2]",
                                                                   f"out = {str(out)!r}"))
-    first = tmp_path / "first.sh"
-    first.write_text("#!/bin/bash\nset -e\nexport IPMTC_PROFILE=ipmtc-$SLURM_JOB_ID\n"
-                     "trap 'ipmtc stop || true' EXIT\nipmtc start\n"
-                     f"{PY} {driver}\n")
-    job_a = jobs.submit(["-N", "2", "--ntasks-per-node=4", "-w", "n1,n2"], first, name="grow-a")
-    wait_for(lambda: Path(f"{out}.started").exists() or jobs.poll(job_a) in ("FAILED", "COMPLETED"), 150,
-             "the first job's map to start")
-    assert Path(f"{out}.started").exists(), job_a.output
-    profile = f"ipmtc-{job_a.job_id}"
+    job_a, profile = _map_job(jobs, tmp_path, f"{PY} {driver}", out, "grow-a")
     # one Python per node: each node's engines are forked by one process (srun's task), not started by srun
     state = _state(ipython_dir, job_a.job_id)
     parents = {}
     for e in state["engines"].values():
         parents.setdefault(e["node"], set()).add(psutil.Process(e["pid"]).ppid())
     assert {n: len(p) for n, p in parents.items()} == {"n1": 1, "n2": 1}, parents
-    # the second job: written and submitted by `ipmtc add --submit` (the free nodes are n3, n4)
-    sub = subprocess.run([sys.executable, "-m", "ipmtc", "add", "--profile", profile, "--submit", "--nodes", "2",
-                          "--engines-per-node", "4", "--time", "10"], capture_output=True, text=True, timeout=60,
-                         env=slurm.env())
-    assert sub.returncode == 0, sub.stderr
-    m = re.search(r"submitted job (\d+)", sub.stdout)
-    assert m, sub.stdout
-    job_b = Job(job_id=m.group(1), out=ipython_dir / f"profile_{profile}" / "log" / f"ipmtc-add-{m.group(1)}.out",
-                submitted=time.time())
-    jobs.submitted.append(job_b)  # cancelled at the end if the test fails
+    job_b = _add_job(jobs, slurm, ipython_dir, profile, "10")
     wait_for(lambda: _state(ipython_dir, job_a.job_id).get("n_engines") == 16, 150,
              lambda: f"16 engines (first job: {job_a.output[-800:]}; second job: {job_b.output[-800:]})")
     # n4's engines leave while every task still waits on the hold file
@@ -180,33 +192,11 @@ def test_an_added_job_near_its_walltime_drains_while_the_first_job_carries_on(jo
     done, out = tmp_path / "done", tmp_path / "map.json"
     driver = tmp_path / "driver.py"
     driver.write_text(ENDING_DRIVER)
-    first = tmp_path / "first.sh"
-    first.write_text("#!/bin/bash\nset -e\nexport IPMTC_PROFILE=ipmtc-$SLURM_JOB_ID\n"
-                     "trap 'ipmtc stop || true' EXIT\nipmtc start\n"
-                     f"{PY} {driver} {done} {out}\n")
-    job_a = jobs.submit(["-N", "2", "--ntasks-per-node=4", "-w", "n1,n2"], first, name="ending-a")
-    wait_for(lambda: Path(f"{out}.started").exists() or jobs.poll(job_a) in ("FAILED", "COMPLETED"), 150,
-             "the first job's map to start")
-    assert Path(f"{out}.started").exists(), job_a.output
-    profile = f"ipmtc-{job_a.job_id}"
-    sub = subprocess.run([sys.executable, "-m", "ipmtc", "add", "--profile", profile, "--submit", "--nodes", "2",
-                          "--engines-per-node", "4", "--time", "3"], capture_output=True, text=True, timeout=60,
-                         env=slurm.env())
-    assert sub.returncode == 0, sub.stderr
-    m = re.search(r"submitted job (\d+)", sub.stdout)
-    assert m, sub.stdout
-    job_b = Job(job_id=m.group(1), out=ipython_dir / f"profile_{profile}" / "log" / f"ipmtc-add-{m.group(1)}.out",
-                submitted=time.time())
-    jobs.submitted.append(job_b)
-    notes_dir = ipython_dir / f"profile_{profile}" / "security" / "engines"
+    job_a, profile = _map_job(jobs, tmp_path, f"{PY} {driver} {done} {out}", out, "ending-a")
+    job_b = _add_job(jobs, slurm, ipython_dir, profile, "3")
 
     def b_notes() -> list[dict]:
-        notes = []
-        for p in notes_dir.glob("*.json"):
-            try:
-                notes.append(json.loads(p.read_text()))
-            except (OSError, ValueError):
-                continue
+        notes = engine_notes(ipython_dir / f"profile_{profile}").values()
         return [n for n in notes if n.get("node") in ("n3", "n4")]
 
     wait_for(lambda: len(b_notes()) == 8 or jobs.poll(job_b) not in ("PENDING", "RUNNING"), 150,

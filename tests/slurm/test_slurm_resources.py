@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from .._spans import overlapping
 from ..conftest import wait_all_dead
 
 pytestmark = pytest.mark.slurm
@@ -111,8 +112,7 @@ def _held(rows):
         engines = value.get("engines") if isinstance(value, dict) and "engines" in value else [r["engine_id"]]
         if r["started"] is not None and r["finished"] is not None:
             spans += [(e, r["started"], r["finished"], r["idx"]) for e in engines]
-    spans.sort()
-    return [(a, b) for a, b in zip(spans, spans[1:]) if a[0] == b[0] and b[1] < a[2] - 1e-6]
+    return overlapping(spans)
 
 
 def test_mixed_command_file_cores_and_mpi_lines(jobs, tmp_path):
